@@ -1,0 +1,3 @@
+"""attncc: a compiler for linear-attention variants."""
+
+__version__ = "0.1.0"

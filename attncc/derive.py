@@ -1,0 +1,126 @@
+"""IR → kernel plan: everything the templates need, derived once in Python.
+
+This pass takes derivatives with sympy and prints every expression to Triton
+and PyTorch source, so the templates only read fields and never decide math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from attncc import expr as ex
+from attncc.ir import (
+    X,
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    FeatureMap,
+    IdentityMap,
+    RowMap,
+    RowMapKind,
+)
+
+L2NORM_EPS = 1e-6  # inside the square root of l2norm, as fla does
+NORMALIZER_EPS = 1e-6  # o = num / (den + eps) with normalize = true
+DEFAULT_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """One feature map, as source snippets over the names `x`, `feat`, `dfeat`."""
+
+    kind: str  # "identity", "elementwise", "l2norm" or "softmax"
+    triton_expr: str = "x"  # φ(x) elementwise, Triton
+    triton_grad: str = "1.0"  # φ'(x) elementwise, Triton
+    torch_expr: str = "x"  # φ(x) elementwise, PyTorch
+    text: str = "identity"  # as the spec spells it
+    zero_preserving: bool = True  # φ(0) == 0, so padded lanes need no masking
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    triton_expr: str
+    triton_grad: str
+    torch_expr: str
+    text: str
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    name: str
+    decay: str  # Decay value: "none", "per_head", "per_token", "per_channel"
+    causal: bool
+    chunk: int
+    scale: float | None  # None: 1/sqrt(D) at call time
+    normalize: bool
+    q_map: MapPlan
+    k_map: MapPlan
+    gate: GatePlan | None
+    helpers: tuple[str, ...]  # elementwise Triton helpers the module must define
+    decay_input: str | None  # the call-time argument carrying the decay: slope, g, gate_input
+
+    @property
+    def scalar_decay(self) -> bool:
+        return self.decay in ("per_head", "per_token")
+
+    @property
+    def data_dependent(self) -> bool:
+        return self.decay in ("per_token", "per_channel")
+
+    @property
+    def has_decay(self) -> bool:
+        return self.decay != "none"
+
+
+def _plan_map(feature_map: FeatureMap, helpers: set[str]) -> MapPlan:
+    if isinstance(feature_map, IdentityMap):
+        return MapPlan(kind="identity")
+    if isinstance(feature_map, RowMap):
+        name = feature_map.kind.value
+        return MapPlan(kind=name, text=name, zero_preserving=feature_map.kind is RowMapKind.L2NORM)
+    assert isinstance(feature_map, ElementwiseMap)
+    body, used = ex.to_triton(feature_map.expr)
+    grad, used_grad = ex.to_triton(ex.derivative(feature_map.expr))
+    helpers |= used | used_grad
+    return MapPlan(
+        kind="elementwise",
+        triton_expr=body,
+        triton_grad=grad,
+        torch_expr=ex.to_torch(feature_map.expr),
+        text=ex.to_text(feature_map.expr),
+        zero_preserving=feature_map.expr.subs(X, 0) == 0,
+    )
+
+
+def plan(spec: AttentionSpec) -> KernelPlan:
+    """Derive the kernel plan of one checked spec."""
+    helpers: set[str] = set()
+    q_map = _plan_map(spec.q_map, helpers)
+    k_map = _plan_map(spec.k_map, helpers)
+    gate = None
+    if spec.gate is not None:
+        body, used = ex.to_triton(spec.gate)
+        grad, used_grad = ex.to_triton(ex.derivative(spec.gate))
+        helpers |= used | used_grad
+        gate = GatePlan(body, grad, ex.to_torch(spec.gate), ex.to_text(spec.gate))
+    decay_input = {
+        Decay.NONE: None,
+        Decay.PER_HEAD: "slope",
+        Decay.PER_TOKEN: "gate_input" if gate else "g",
+        Decay.PER_CHANNEL: "gate_input" if gate else "g",
+    }[spec.decay]
+    return KernelPlan(
+        name=spec.name,
+        decay=spec.decay.value,
+        causal=spec.causal,
+        chunk=spec.chunk or DEFAULT_CHUNK,
+        scale=None if spec.scale is None else float(sympy.N(spec.scale, 17)),
+        normalize=spec.normalize,
+        q_map=q_map,
+        k_map=k_map,
+        gate=gate,
+        helpers=tuple(sorted(helpers)),
+        decay_input=decay_input,
+    )
