@@ -1,3 +1,24 @@
-"""attncc: a compiler for linear-attention variants."""
+"""attncc: a compiler for linear-attention variants.
+
+    import attncc
+    mod = attncc.load("examples/lightning.attn")
+    o, final_state = mod.lightning(q, k, v, slope)
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["AttnccError", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `attncc check` and the front end never pay for torch and triton.
+    if name == "load":
+        from attncc.loader import load
+
+        return load
+    if name == "AttnccError":
+        from attncc.errors import AttnccError
+
+        return AttnccError
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")

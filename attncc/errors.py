@@ -28,7 +28,9 @@ class Diagnostic:
             head = f"{s.file}:{s.line}:{s.column}: error: {self.message}"
         lines = [head]
         if self.span is not None and source is not None:
-            text_lines = source.splitlines()
+            # Lines as the parser counts them: split at "\n" only (splitlines() would
+            # also split at form feeds and other separators, shifting every line after).
+            text_lines = [line.rstrip("\r") for line in source.split("\n")]
             if 1 <= self.span.line <= len(text_lines):
                 text = text_lines[self.span.line - 1]
                 gutter = f"{self.span.line:>4} | "

@@ -224,6 +224,9 @@ class _TextPrinter(StrPrinter):
     def _print_Function(self, expr):
         return f"{type(expr).__name__}({', '.join(self._print(a) for a in expr.args)})"
 
+    def _print_Exp1(self, expr):  # sympy turns exp(1) into E, which the language has no name for
+        return "exp(1)"
+
 
 def to_text(expr: sympy.Expr) -> str:
     """The canonical spelling of expr in the spec language."""

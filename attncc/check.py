@@ -1,0 +1,793 @@
+"""Parse trees → the typed IR, enforcing every rule of the spec language.
+
+Public API:
+
+    parse_spec(source, filename="<string>") -> SpecFile
+    load_spec_file(path) -> SpecFile
+
+Both raise `AttnccError` (and nothing else) for bad input, carrying every
+problem found in the file, each with its span and, where one exists, a hint.
+
+Expressions are turned into sympy by walking the parse tree: only numbers,
+`x`, `+ - * / **` and the whitelisted functions of `attncc.expr.FUNCTIONS`
+exist; decimal literals become exact rationals. Constant parts are evaluated
+alongside with mpmath, so that overflow, division by zero and complex values
+are refused before sympy could be asked to build (or evaluate) anything huge.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import lark
+import mpmath
+import sympy
+
+from attncc import expr as ex
+from attncc.errors import AttnccError, Diagnostic, nearest
+from attncc.ir import (
+    X,
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    FeatureMap,
+    IdentityMap,
+    RowMap,
+    RowMapKind,
+    Span,
+    SpecFile,
+)
+from attncc.parse import node_span, parse_source, token_span
+
+# ---------------------------------------------------------------------------
+# The rules, as data
+
+KEYS = ("feature_map", "q_map", "k_map", "decay", "gate", "causal", "chunk", "scale", "normalize")
+DECAYS = tuple(d.value for d in Decay)
+ROW_MAPS = tuple(k.value for k in RowMapKind)
+MAP_WORDS = ("identity", *ROW_MAPS)
+BOOLEANS = ("true", "false")
+CHUNKS = (16, 32, 64, 128, 256)
+MAX_INT_POWER = 8  # |n| of integer powers of x-dependent bases
+MAX_DEPTH = 100  # nesting of an expression
+MAX_BITS = 2048  # numerator/denominator size of any exact number
+MAX_DIGITS = 100  # significant digits of a number literal
+FLOAT_MAX = sys.float_info.max
+# Functions sympy itself can evaluate numerically: all a constant `scale` may use.
+SCALE_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh")
+
+# Names the generated module defines besides the per-spec functions.
+RESERVED_NAMES = frozenset(
+    {
+        "reference",
+        "torch",
+        "triton",
+        "tl",
+        "math",
+        "os",
+        "SPEC_SOURCE",
+        "SPEC_HASH",
+        "ATTNCC_VERSION",
+        "TUNED_CONFIGS",
+    }
+)
+GENERATED_SUFFIXES = ("", "_step", "_reference", "_sp")
+_BUILTINS = frozenset(name for name in dir(builtins) if not name.startswith("_"))
+
+
+def generated_names(name: str) -> tuple[str, ...]:
+    """The module-level names the generated module defines for spec `name`."""
+    return tuple(name + suffix for suffix in GENERATED_SUFFIXES)
+
+
+def _join(words: Iterable[str], last: str = "or") -> str:
+    words = [f"`{w}`" for w in words]
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + f" {last} " + words[-1]
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str | None:
+    best = nearest(word, candidates)
+    return f"did you mean `{best}`?" if best is not None else None
+
+
+# ---------------------------------------------------------------------------
+# Constant evaluation (mpmath: no overflow or underflow, complex results visible)
+
+
+def _mp_sigmoid(v):
+    return 1 / (1 + mpmath.exp(-v))
+
+
+_MP_FUNCTIONS: dict[str, Callable] = {
+    "exp": mpmath.exp,
+    "log": mpmath.log,
+    "sqrt": mpmath.sqrt,
+    "abs": abs,
+    "tanh": mpmath.tanh,
+    "sigmoid": _mp_sigmoid,
+    "logsigmoid": lambda v: -mpmath.log1p(mpmath.exp(-v)),
+    "softplus": lambda v: mpmath.log1p(mpmath.exp(v)),
+    "relu": lambda v: v if v > 0 else mpmath.mpf(0),
+    "elu": lambda v: v if v > 0 else mpmath.expm1(v),
+    "silu": lambda v: v * _mp_sigmoid(v),
+}
+assert set(_MP_FUNCTIONS) == set(ex.FUNCTIONS)
+
+_NUMBER = re.compile(r"(\d*)(?:\.(\d*))?(?:[eE]([+-]?)(\d+))?")
+
+
+class _Refused(Exception):
+    """Internal: an expression node was refused (its diagnostic is already recorded)."""
+
+
+@dataclass(frozen=True)
+class _Value:
+    expr: sympy.Expr
+    number: mpmath.mpf | None  # the numeric value, when constant
+
+    @property
+    def constant(self) -> bool:
+        return self.number is not None
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Where an expression stands: may it use x, which functions, which bare words."""
+
+    what: str  # "feature map", "gate", "scale"
+    allow_x: bool = True
+    functions: tuple[str, ...] = tuple(ex.FUNCTIONS)
+    words: tuple[str, ...] = ()  # bare words the key accepts besides expressions
+
+
+class _Checker:
+    def __init__(self, source: str, filename: str):
+        self.source = source
+        self.filename = filename
+        self.diagnostics: list[Diagnostic] = []
+
+    # -- reporting ----------------------------------------------------------
+
+    def error(self, message: str, where: lark.Tree | lark.Token | Span, hint: str | None = None):
+        span = where if isinstance(where, Span) else node_span(where, self.filename)
+        self.diagnostics.append(Diagnostic(message, span, hint))
+
+    def text(self, node: lark.Tree | lark.Token, limit: int = 40) -> str:
+        if isinstance(node, lark.Token):
+            start, end = node.start_pos, node.end_pos
+        else:
+            start, end = node.meta.start_pos, node.meta.end_pos
+        text = " ".join(self.source[start:end].split())
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    # -- the file -----------------------------------------------------------
+
+    def check_file(self) -> SpecFile:
+        blocks, syntax = parse_source(self.source, self.filename)
+        self.diagnostics.extend(syntax)
+        specs = []
+        for block in blocks:
+            spec = self.check_block(block)
+            if spec is not None:
+                specs.append(spec)
+        self.check_names([block.children[0] for block in blocks])
+        if not blocks and not syntax:
+            self.error(
+                "no `attention` block in the file",
+                Span(self.filename, 1, 1, 1, 2),
+                "a spec file holds one or more blocks `attention NAME { key = value ... }`",
+            )
+        if self.diagnostics:
+            raise AttnccError(_sorted(self.diagnostics), self.source)
+        return SpecFile(tuple(specs), self.filename)
+
+    def check_names(self, names: list[lark.Token]) -> None:
+        """File-wide: duplicate names and clashes between the names specs generate."""
+        first: dict[str, lark.Token] = {}
+        owner: dict[str, lark.Token] = {}  # generated name -> block name token
+        for tok in names:
+            name = str(tok)
+            if name in first:
+                self.error(
+                    f"duplicate attention name `{name}` (first defined at line {first[name].line})",
+                    tok,
+                    "each block of a file needs its own name",
+                )
+                continue
+            first[name] = tok
+            for generated in generated_names(name):
+                other = owner.get(generated)
+                if other is not None:
+                    self.error(
+                        f"`attention {name}` and `attention {other}` (line {other.line}) both "
+                        f"generate a function named `{generated}`",
+                        tok,
+                        "rename one of the two blocks",
+                    )
+                    break
+            for generated in generated_names(name):
+                owner.setdefault(generated, tok)
+
+    def check_name(self, tok: lark.Token) -> bool:
+        name = str(tok)
+        if not name.isidentifier():
+            self.error(f"attention name `{name}` is not a valid Python identifier", tok)
+        elif keyword.iskeyword(name):
+            self.error(f"attention name `{name}` is a Python keyword", tok, _rename_hint(name))
+        elif name.startswith("_"):
+            self.error(
+                f"attention name `{name}` must not start with `_`",
+                tok,
+                "names starting with `_` are kept for the generated module's helpers",
+            )
+        elif any(g in RESERVED_NAMES for g in generated_names(name)):
+            clash = next(g for g in generated_names(name) if g in RESERVED_NAMES)
+            self.error(
+                f"attention name `{name}` clashes with `{clash}`, which the generated module "
+                "already defines",
+                tok,
+                _rename_hint(name),
+            )
+        elif name in _BUILTINS:
+            self.error(
+                f"attention name `{name}` would shadow the Python builtin `{name}` in the "
+                "generated module",
+                tok,
+                _rename_hint(name),
+            )
+        else:
+            return True
+        return False
+
+    # -- one block ----------------------------------------------------------
+
+    def check_block(self, block: lark.Tree) -> AttentionSpec | None:
+        before = len(self.diagnostics)
+        name_tok = block.children[0]
+        self.check_name(name_tok)
+
+        entries: dict[str, tuple[lark.Token, lark.Tree]] = {}
+        for entry in block.children[1:]:
+            key_tok, value = entry.children
+            key = str(key_tok)
+            if key not in KEYS:
+                self.error(f"unknown key `{key}`", key_tok, _suggest(key, KEYS) or _keys_hint())
+            elif key in entries:
+                first = entries[key][0]
+                self.error(
+                    f"duplicate key `{key}` (first set at line {first.line})",
+                    key_tok,
+                    "each key may be set once per block",
+                )
+            else:
+                entries[key] = (key_tok, value)
+
+        values: dict[str, object] = {}
+        for key, (_, value) in entries.items():
+            try:
+                values[key] = getattr(self, f"value_{key}")(value)
+            except _Refused:
+                pass
+
+        self.check_conflicts(entries, values)
+        if len(self.diagnostics) > before:
+            return None
+
+        q_map = values.get("q_map", values.get("feature_map", IdentityMap()))
+        k_map = values.get("k_map", values.get("feature_map", IdentityMap()))
+        return AttentionSpec(
+            name=str(name_tok),
+            q_map=q_map,
+            k_map=k_map,
+            decay=values.get("decay", Decay.NONE),
+            gate=values.get("gate"),
+            causal=values.get("causal", True),
+            chunk=values.get("chunk"),
+            scale=values.get("scale"),
+            normalize=values.get("normalize", False),
+            span=token_span(name_tok, self.filename),
+        )
+
+    def check_conflicts(self, entries: dict, values: dict) -> None:
+        if "feature_map" in entries:
+            line = entries["feature_map"][0].line
+            for key in ("q_map", "k_map"):
+                if key in entries:
+                    self.error(
+                        f"`{key}` cannot be combined with `feature_map` (line {line})",
+                        entries[key][0],
+                        "`feature_map` sets both maps; use either `feature_map` alone, "
+                        "or `q_map` and `k_map`",
+                    )
+        decay = values.get("decay")
+        if values.get("causal") is False and decay is not None and decay is not Decay.NONE:
+            line = entries["decay"][0].line
+            self.error(
+                f"`causal = false` cannot be combined with `decay = {decay.value}` (line {line})",
+                entries["causal"][1],
+                "non-causal attention has no order to decay along: use `decay = none`, "
+                "or `causal = true`",
+            )
+        if values.get("gate") is not None and "decay" not in entries:
+            self.error(
+                "`gate` needs a data-dependent decay, but `decay` is `none` (the default)",
+                entries["gate"][0],
+                "add `decay = per_token` or `decay = per_channel`",
+            )
+        elif values.get("gate") is not None and decay is not None and not decay.data_dependent:
+            self.error(
+                f"`gate` needs a data-dependent decay, but `decay` is `{decay.value}` "
+                f"(line {entries['decay'][0].line})",
+                entries["gate"][0],
+                "use `decay = per_token` or `decay = per_channel`",
+            )
+
+    # -- values of each key ---------------------------------------------------
+
+    def word(self, value: lark.Tree, key: str, choices: tuple[str, ...]) -> str:
+        if _is_name(value):
+            word = str(value.children[0])
+            if word in choices:
+                return word
+            hint = _suggest(word, choices)
+        else:
+            hint = None
+        self.error(f"`{key}` must be {_join(choices)}, not `{self.text(value)}`", value, hint)
+        raise _Refused
+
+    def value_decay(self, value: lark.Tree) -> Decay:
+        return Decay(self.word(value, "decay", DECAYS))
+
+    def value_causal(self, value: lark.Tree) -> bool:
+        return self.word(value, "causal", BOOLEANS) == "true"
+
+    def value_normalize(self, value: lark.Tree) -> bool:
+        return self.word(value, "normalize", BOOLEANS) == "true"
+
+    def value_chunk(self, value: lark.Tree) -> int | None:
+        message = f"`chunk` must be a power of two from 16 to 256, or `auto`, not `{self.text(value)}`"
+        if _is_name(value):
+            if str(value.children[0]) == "auto":
+                return None
+            self.error(message, value, _suggest(str(value.children[0]), ["auto"]))
+            raise _Refused
+        if value.data == "number":
+            literal = _literal(str(value.children[0]))
+            if literal is not None and literal.is_Integer and int(literal) in CHUNKS:
+                return int(literal)
+            if literal is not None and literal.is_Rational:
+                self.error(message, value, _chunk_hint(literal))
+                raise _Refused
+        self.error(message, value)
+        raise _Refused
+
+    def value_scale(self, value: lark.Tree) -> sympy.Expr | None:
+        if _is_name(value) and str(value.children[0]) == "auto":
+            return None
+        if _is_name(value) and str(value.children[0]) != "x":
+            word = str(value.children[0])
+            self.error(
+                f"`scale` must be a positive constant or `auto`, not `{word}`",
+                value,
+                _suggest(word, ["auto"]) or "e.g. `scale = 1/sqrt(128)`, or `auto` for 1/sqrt(D)",
+            )
+            raise _Refused
+        context = _Context("scale", allow_x=False, functions=SCALE_FUNCTIONS, words=("auto",))
+        result = self.expression(value, context)
+        if result.expr.is_zero or result.number <= 0:
+            self.error(
+                f"`scale` must be positive, not `{self.text(value)}`",
+                value,
+                "`auto` means 1/sqrt(D)",
+            )
+            raise _Refused
+        if result.number < sys.float_info.min:
+            self.error(f"`scale` `{self.text(value)}` is too small for a float", value)
+            raise _Refused
+        return result.expr
+
+    def value_feature_map(self, value: lark.Tree) -> FeatureMap:
+        return self.feature_map(value, "feature_map")
+
+    def value_q_map(self, value: lark.Tree) -> FeatureMap:
+        return self.feature_map(value, "q_map")
+
+    def value_k_map(self, value: lark.Tree) -> FeatureMap:
+        return self.feature_map(value, "k_map")
+
+    def feature_map(self, value: lark.Tree, key: str) -> FeatureMap:
+        if _is_name(value):
+            word = str(value.children[0])
+            if word == "identity" or word == "x":
+                return IdentityMap()
+            if word in ROW_MAPS:
+                return RowMap(RowMapKind(word))
+            if word in ex.FUNCTIONS:
+                self.error(
+                    f"`{word}` is a function, not a feature map",
+                    value,
+                    f"write `{key} = {word}(x)`",
+                )
+            else:
+                self.error(
+                    f"unknown feature map `{word}`",
+                    value,
+                    _suggest(word, (*MAP_WORDS, "x"))
+                    or "a feature map is `identity`, `l2norm`, `softmax` or an expression in `x`",
+                )
+            raise _Refused
+        result = self.elementwise(value, _Context("feature map", words=MAP_WORDS))
+        return IdentityMap() if result == X else ElementwiseMap(result)
+
+    def value_gate(self, value: lark.Tree) -> sympy.Expr | None:
+        if _is_name(value) and str(value.children[0]) in ("none", "x"):
+            return None
+        return self.elementwise(value, _Context("gate", words=("none",)))
+
+    def elementwise(self, value: lark.Tree, context: _Context) -> sympy.Expr:
+        """A feature map or gate expression: must use x; powers checked on the final tree."""
+        result = self.expression(value, context).expr
+        if not result.has(X):
+            self.error(
+                f"the {context.what} `{self.text(value)}` does not depend on `x`",
+                value,
+                f"a {context.what} is applied to each element `x` of its input",
+            )
+            raise _Refused
+        for power in result.atoms(sympy.Pow):
+            base, exponent = power.args
+            if base.has(X) and exponent.has(X):
+                self.error(
+                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`, with `x` in both "
+                    "the base and the exponent",
+                    value,
+                )
+                raise _Refused
+            if base.has(X) and exponent.is_Integer and abs(int(exponent)) > MAX_INT_POWER:
+                self.error(
+                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`: integer powers "
+                    f"of `x` are limited to exponents from -{MAX_INT_POWER} to {MAX_INT_POWER}",
+                    value,
+                )
+                raise _Refused
+        return result
+
+    # -- expressions ----------------------------------------------------------
+
+    def expression(self, node: lark.Tree, context: _Context) -> _Value:
+        result = self.build(node, context, 0)
+        if result is None:
+            raise _Refused
+        return result
+
+    def build(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
+        """Build one node; returns None when it (or a child) was refused."""
+        if depth > MAX_DEPTH:
+            self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels)", node)
+            return None
+        kind = node.data
+        if kind == "number":
+            return self.build_number(node)
+        if kind == "name":
+            return self.build_name(node, context)
+        if kind == "call":
+            return self.build_call(node, context, depth)
+        children = [self.build(child, context, depth + 1) for child in node.children]
+        if any(child is None for child in children):
+            return None
+        if kind == "pos":
+            return children[0]
+        if kind == "neg":
+            (a,) = children
+            return self.combine(node, lambda: -a.expr, children, lambda: -a.number)
+        a, b = children
+        if kind == "add":
+            return self.combine(node, lambda: a.expr + b.expr, children, lambda: a.number + b.number)
+        if kind == "sub":
+            return self.combine(node, lambda: a.expr - b.expr, children, lambda: a.number - b.number)
+        if kind == "mul":
+            return self.combine(node, lambda: a.expr * b.expr, children, lambda: a.number * b.number)
+        if kind == "div":
+            return self.combine(node, lambda: a.expr / b.expr, children, lambda: a.number / b.number)
+        if kind == "pow":
+            return self.build_pow(node, a, b)
+        raise AssertionError(f"unexpected expression node {kind}")  # pragma: no cover
+
+    def build_number(self, node: lark.Tree) -> _Value | None:
+        text = str(node.children[0])
+        literal = _literal(text)
+        if literal is None:
+            self.error(
+                f"number `{self.text(node)}` is out of range",
+                node,
+                f"numbers need at most {MAX_DIGITS} significant digits and must fit a float",
+            )
+            return None
+        return _Value(literal, mpmath.mpf(literal.p) / literal.q)
+
+    def build_name(self, node: lark.Tree, context: _Context) -> _Value | None:
+        name = str(node.children[0])
+        if name == "x":
+            if context.allow_x:
+                return _Value(X, None)
+            self.error(
+                f"`{context.what}` must be a constant; it cannot use `x`",
+                node,
+                "e.g. `scale = 1/sqrt(128)`, or `auto` for 1/sqrt(D)",
+            )
+            return None
+        if name in ex.FUNCTIONS:
+            self.error(f"`{name}` is a function; call it, e.g. `{name}(x)`", node)
+            return None
+        if name in context.words:
+            self.error(f"`{name}` cannot be used inside an expression", node)
+            return None
+        candidates = ["x"] if context.allow_x else []
+        hint = _suggest(name, candidates)
+        if hint is None:
+            allowed = "`x`, numbers" if context.allow_x else "numbers"
+            hint = (
+                f"a {context.what} may use only {allowed}, `+ - * / **` and the functions "
+                + ", ".join(context.functions)
+            )
+        self.error(f"unknown name `{name}`", node, hint)
+        return None
+
+    def build_call(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
+        name_tok = node.children[0]
+        name = str(name_tok)
+        args = node.children[1].children if len(node.children) > 1 else []
+        if name not in context.functions:
+            if name in ex.FUNCTIONS:
+                self.error(
+                    f"`{name}` cannot be used in `{context.what}`",
+                    name_tok,
+                    "a constant `scale` may use only " + ", ".join(context.functions),
+                )
+            elif name in MAP_WORDS:
+                self.error(
+                    f"`{name}` is a row-wise feature map, not a function",
+                    name_tok,
+                    f"write `feature_map = {name}` on its own",
+                )
+            else:
+                self.error(
+                    f"unknown function `{name}`",
+                    name_tok,
+                    _suggest(name, context.functions)
+                    or "the functions are " + ", ".join(context.functions),
+                )
+            # Still look inside, to report problems in the arguments too.
+            for arg in args:
+                self.build(arg, context, depth + 1)
+            return None
+        if len(args) != 1:
+            self.error(f"`{name}` takes 1 argument, not {len(args)}", node)
+            return None
+        arg = self.build(args[0], context, depth + 1)
+        if arg is None:
+            return None
+        function = ex.FUNCTIONS[name]
+        return self.combine(
+            node, lambda: function(arg.expr), [arg], lambda: _MP_FUNCTIONS[name](arg.number)
+        )
+
+    def build_pow(self, node: lark.Tree, base: _Value, exponent: _Value) -> _Value | None:
+        if exponent.expr.has(X):
+            if base.expr.has(X):
+                self.error("`x` cannot appear in both the base and the exponent of `**`", node)
+                return None
+            if base.number <= 0:
+                self.error(
+                    "a power with `x` in the exponent needs a positive base",
+                    node,
+                    "e.g. `2**x`, or `exp(x)`",
+                )
+                return None
+        elif base.expr.has(X):
+            if exponent.expr.is_Integer and abs(int(exponent.expr)) > MAX_INT_POWER:
+                self.error(
+                    f"integer powers of `x` are limited to exponents from -{MAX_INT_POWER} "
+                    f"to {MAX_INT_POWER}, not {int(exponent.expr)}",
+                    node,
+                )
+                return None
+        elif base.expr.is_Rational and exponent.expr.is_Integer:
+            p, q = base.expr.p, base.expr.q
+            bits = max(abs(p).bit_length(), q.bit_length()) * abs(int(exponent.expr))
+            if bits > MAX_BITS and p not in (0, 1, -1):
+                self.error("this power is too large a number", node)
+                return None
+        return self.combine(
+            node,
+            lambda: base.expr**exponent.expr,
+            [base, exponent],
+            lambda: base.number**exponent.number,
+        )
+
+    def combine(
+        self,
+        node: lark.Tree,
+        build: Callable[[], sympy.Expr],
+        children: list[_Value],
+        evaluate: Callable[[], object],
+    ) -> _Value | None:
+        """Make one node: numeric checks first for constants, then sympy, then its checks."""
+        number = None
+        if all(child.constant for child in children):
+            try:
+                number = evaluate()
+            except ZeroDivisionError:
+                number = mpmath.inf
+            if isinstance(number, mpmath.mpc):
+                self.error(f"`{self.text(node)}` is not a real number", node)
+                return None
+            number = mpmath.mpf(number)
+            if mpmath.isinf(number) or mpmath.isnan(number):
+                self.error(
+                    f"`{self.text(node)}` is undefined or infinite",
+                    node,
+                    "check for a division by zero or a log of zero",
+                )
+                return None
+            if abs(number) > FLOAT_MAX:
+                self.error(f"`{self.text(node)}` is too large for a float", node)
+                return None
+        result = build()
+        if result.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+            self.error(
+                f"`{self.text(node)}` is undefined or infinite",
+                node,
+                "check for a division by zero or a log of zero",
+            )
+            return None
+        if number is None and not result.has(X):  # x cancelled out: a constant after all
+            try:
+                number = mpmath.mpf(_mp_eval(result))
+            except (ZeroDivisionError, TypeError, ValueError):
+                number = mpmath.nan
+            if not mpmath.isfinite(number) or abs(number) > FLOAT_MAX:
+                self.error(f"`{self.text(node)}` does not evaluate to a finite real number", node)
+                return None
+        if result.has(sympy.I) or (number is not None and result.is_real is False):
+            self.error(f"`{self.text(node)}` is not a real number", node)
+            return None
+        for atom in result.atoms(sympy.Rational):
+            if max(abs(atom.p).bit_length(), atom.q.bit_length()) > MAX_BITS:
+                self.error(f"`{self.text(node)}` needs too many digits", node)
+                return None
+        return _Value(result, number)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+_MP_BY_SYMPY_NAME = {**_MP_FUNCTIONS, "Abs": abs}
+
+
+def _mp_eval(e: sympy.Expr):
+    """The value of a constant sympy expression built from our vocabulary, with mpmath."""
+    if e.is_Rational:
+        return mpmath.mpf(e.p) / e.q
+    if e is sympy.E:
+        return mpmath.e
+    if e is sympy.pi:
+        return mpmath.pi
+    if e.is_Add:
+        return mpmath.fsum(_mp_eval(a) for a in e.args)
+    if e.is_Mul:
+        return mpmath.fprod(_mp_eval(a) for a in e.args)
+    if e.is_Pow:
+        return _mp_eval(e.args[0]) ** _mp_eval(e.args[1])
+    name = type(e).__name__
+    if isinstance(e, sympy.Function) and name in _MP_BY_SYMPY_NAME and len(e.args) == 1:
+        return _MP_BY_SYMPY_NAME[name](_mp_eval(e.args[0]))
+    raise ValueError(f"cannot evaluate {e}")
+
+
+def _is_name(node: lark.Tree) -> bool:
+    return isinstance(node, lark.Tree) and node.data == "name"
+
+
+def _literal(text: str) -> sympy.Rational | None:
+    """The exact value of a number literal, or None when out of range."""
+    match = _NUMBER.fullmatch(text)
+    if match is None:  # pragma: no cover - the grammar only lets numbers through
+        return None
+    whole, fraction, sign, exponent = match.groups()
+    fraction = fraction or ""
+    digits = (whole + fraction).lstrip("0")
+    if not digits:
+        return sympy.Integer(0)
+    stripped = digits.rstrip("0")
+    if len(stripped) > MAX_DIGITS or (exponent and len(exponent.lstrip("0")) > 6):
+        return None
+    power = (int(exponent) if exponent else 0) * (-1 if sign == "-" else 1)
+    power += len(digits) - len(stripped) - len(fraction)
+    magnitude = len(stripped) + power  # the value is below 10**magnitude
+    if magnitude > 309 or magnitude < -400:
+        return None
+    value = sympy.Rational(int(stripped) * 10 ** max(power, 0), 10 ** max(-power, 0))
+    return value if value <= FLOAT_MAX else None
+
+
+def _chunk_hint(value: sympy.Rational) -> str:
+    if value < CHUNKS[0]:
+        return f"the smallest chunk is {CHUNKS[0]}"
+    if value > CHUNKS[-1]:
+        return f"the largest chunk is {CHUNKS[-1]}"
+    below = max(c for c in CHUNKS if c <= value)
+    above = min(c for c in CHUNKS if c >= value)
+    return f"the nearest valid chunks are {below} and {above}"
+
+
+def _keys_hint() -> str:
+    return "the keys are " + ", ".join(f"`{k}`" for k in KEYS)
+
+
+def _rename_hint(name: str) -> str:
+    candidate = name.lstrip("_") + "_attn"
+    if not candidate[0].isalpha():
+        candidate = "attn" + candidate
+    return f"rename the block, e.g. `attention {candidate}`"
+
+
+def _sorted(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    def key(d: Diagnostic):
+        return (0, 0, 0) if d.span is None else (1, d.span.line, d.span.column)
+
+    return sorted(diagnostics, key=key)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
+    """Parse and check spec text; raise AttnccError listing every problem found."""
+    if not isinstance(source, str):
+        raise TypeError(f"parse_spec expects the spec text as str, got {type(source).__name__}")
+    checker = _Checker(source, filename)
+    try:
+        return checker.check_file()
+    except RecursionError:
+        checker.diagnostics.append(
+            Diagnostic("the spec is nested too deeply to process", Span(filename, 1, 1, 1, 2))
+        )
+        raise AttnccError(_sorted(checker.diagnostics), source) from None
+
+
+def load_spec_file(path: str | os.PathLike) -> SpecFile:
+    """Read and check a spec file; raise AttnccError if it cannot be read or is wrong."""
+    filename = os.fspath(path)
+    try:
+        with open(filename, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise AttnccError(Diagnostic(f"cannot read `{filename}`: {reason}")) from None
+    try:
+        source = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        prefix = data[: err.start].decode("utf-8-sig", errors="replace")
+        line = prefix.count("\n") + 1
+        column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+        text = data.decode("utf-8-sig", errors="replace")
+        raise AttnccError(
+            Diagnostic(
+                f"`{filename}` is not UTF-8 text (byte 0x{data[err.start]:02x})",
+                Span(filename, line, column, line, column + 1),
+                "save the spec as UTF-8",
+            ),
+            text,
+        ) from None
+    return parse_spec(source, filename)

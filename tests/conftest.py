@@ -1,0 +1,20 @@
+"""Shared test setup: CPU runs go through Triton's interpreter; hypothesis profiles."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" keeps the interpreter-mode suite within a few minutes on 2 cores; "gpu"
+# draws more examples when a GPU runs the compiled kernels.
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
+)
+settings.register_profile(
+    "gpu", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))

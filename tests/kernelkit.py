@@ -1,0 +1,72 @@
+"""Helpers for the kernel tests: build modules from IR, draw inputs, compare."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from attncc.ir import AttentionSpec, Decay
+from attncc.render import render_module
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_OUT = Path(tempfile.mkdtemp(prefix="attncc-test-"))
+
+# Relative error bounds against the float64 reference, per input dtype.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@functools.lru_cache(maxsize=None)
+def module_for(spec: AttentionSpec):
+    """Render `spec` into a module file and import it (cached per IR value)."""
+    source = render_module([spec], f"# test spec {spec.name}\n", f"{spec.name}.attn")
+    name = f"attncc_test_{spec.name}_{abs(hash(spec)):x}"
+    path = _OUT / f"{name}.py"
+    path.write_text(source)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-2) -> float:
+    """||actual - expected|| / ||expected||, with a floor of 1e-2 per element under the norm,
+    so that a gradient that is zero in exact arithmetic (e.g. dq of a normalized
+    spec at T = 1) is judged by absolute error instead of dividing rounding by ~0."""
+    assert actual is not None and expected is not None, "missing gradient"
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(actual).any(), "NaN in result"
+    floor = floor * actual.numel() ** 0.5
+    return ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
+
+
+def decay_input(spec: AttentionSpec, B: int, T: int, H: int, H_kv: int, D: int, gen, extreme=False):
+    """A fresh decay argument for spec, or None."""
+    if spec.decay is Decay.PER_HEAD:
+        return torch.rand(H, generator=gen) * 0.5 + 0.01
+    if spec.decay in (Decay.PER_TOKEN, Decay.PER_CHANNEL):
+        shape = (B, T, H_kv, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H_kv)
+        if extreme:
+            # A mix of "no decay" (g = 0, or a gate input of +40) and "state wiped"
+            # (g or gate input -1e4): nothing may overflow or turn into NaN.
+            choice = torch.randint(0, 3, shape, generator=gen)
+            keep = 0.0 if spec.gate is None else 40.0
+            ordinary = -torch.rand(shape, generator=gen)
+            return torch.where(choice == 0, keep, torch.where(choice == 1, -1e4, ordinary))
+        if spec.gate is None:
+            return -torch.rand(shape, generator=gen) * 0.5  # log decay g <= 0
+        return torch.randn(shape, generator=gen) * 2  # raw gate input
+    return None
+
+
+def call_args(module, spec):
+    """The public function, its _step and reference, and whether it takes a decay argument."""
+    fn = getattr(module, spec.name)
+    takes_decay = len(inspect.signature(fn).parameters) > 3 + 4  # q, k, v + 4 keyword-only
+    return fn, getattr(module, f"{spec.name}_reference"), takes_decay
