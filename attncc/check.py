@@ -57,7 +57,7 @@ CHUNKS = (16, 32, 64, 128, 256)
 MAX_INT_POWER = 8  # |n| of integer powers of x-dependent bases
 MAX_DEPTH = 100  # nesting of an expression
 MAX_BITS = 2048  # numerator/denominator size of any exact number
-MAX_DIGITS = 100  # significant digits of a number literal
+MAX_DIGITS = 620  # digits of a number literal, and of its power of ten: just above MAX_BITS
 FLOAT_MAX = sys.float_info.max
 # Functions sympy itself can evaluate numerically: all a constant `scale` may use.
 SCALE_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh")
@@ -430,7 +430,8 @@ class _Checker:
     def value_gate(self, value: lark.Tree) -> sympy.Expr | None:
         if _is_name(value) and str(value.children[0]) in ("none", "x"):
             return None
-        return self.elementwise(value, _Context("gate", words=("none",)))
+        gate = self.elementwise(value, _Context("gate", words=("none",)))
+        return None if gate == X else gate  # g = x is no transform at all
 
     def elementwise(self, value: lark.Tree, context: _Context) -> sympy.Expr:
         """A feature map or gate expression: must use x; powers checked on the final tree."""
@@ -464,7 +465,7 @@ class _Checker:
 
     def expression(self, node: lark.Tree, context: _Context) -> _Value:
         result = self.build(node, context, 0)
-        if result is None:
+        if result is None or not self.representable(node, result.expr, result.number):
             raise _Refused
         return result
 
@@ -480,26 +481,90 @@ class _Checker:
             return self.build_name(node, context)
         if kind == "call":
             return self.build_call(node, context, depth)
-        children = [self.build(child, context, depth + 1) for child in node.children]
-        if any(child is None for child in children):
-            return None
-        if kind == "pos":
-            return children[0]
-        if kind == "neg":
-            (a,) = children
-            return self.combine(node, lambda: -a.expr, children, lambda: -a.number)
-        a, b = children
-        if kind == "add":
-            return self.combine(node, lambda: a.expr + b.expr, children, lambda: a.number + b.number)
-        if kind == "sub":
-            return self.combine(node, lambda: a.expr - b.expr, children, lambda: a.number - b.number)
-        if kind == "mul":
-            return self.combine(node, lambda: a.expr * b.expr, children, lambda: a.number * b.number)
-        if kind == "div":
-            return self.combine(node, lambda: a.expr / b.expr, children, lambda: a.number / b.number)
+        if kind in ("add", "sub"):
+            return self.build_sum(node, context, depth)
+        if kind in ("mul", "div", "neg", "pos"):
+            return self.build_product(node, context, depth)
         if kind == "pow":
-            return self.build_pow(node, a, b)
+            base = self.build(node.children[0], context, depth + 1)
+            exponent = self.build(node.children[1], context, depth + 1)
+            if base is None or exponent is None:
+                return None
+            return self.build_pow(node, base, exponent)
         raise AssertionError(f"unexpected expression node {kind}")  # pragma: no cover
+
+    def operands(self, node: lark.Tree, ops: dict[str, bool]) -> list[tuple[lark.Tree, bool]]:
+        """Flatten a chain of binary operators: [(operand, flipped)], in source order.
+
+        `ops` maps each chain operator to whether it flips its right operand
+        (`sub`: negated, `div`: inverted). Iterative, so long chains cost no stack.
+        """
+        result = []
+        stack = [(node, False)]
+        while stack:
+            current, flipped = stack.pop()
+            if current.data in ops:
+                left, right = current.children
+                stack.append((right, flipped ^ ops[current.data]))
+                stack.append((left, flipped))
+            else:
+                result.append((current, flipped))
+        return result
+
+    def build_sum(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
+        terms = self.operands(node, {"add": False, "sub": True})
+        values = [(self.build(term, context, depth + 1), negated) for term, negated in terms]
+        if any(value is None for value, _ in values):
+            return None
+
+        def build():
+            return sympy.Add(*(-v.expr if negated else v.expr for v, negated in values))
+
+        def evaluate():
+            return mpmath.fsum(-v.number if negated else v.number for v, negated in values)
+
+        return self.combine(node, build, [v for v, _ in values], evaluate)
+
+    def build_product(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
+        """A chain of `*`, `/` and signs, built as one n-ary sympy Mul.
+
+        sympy distributes a number over a sum in a product of two factors
+        (2*(x + 1) becomes 2*x + 2) but not in longer products, so building
+        `1000*(x + 1/1000)/x` pairwise would give another tree than the one
+        its printed text came from. Building the chain at once, and dividing by
+        each factor of a parenthesized divisor, keeps printing and parsing inverse.
+        """
+        negations = 0
+        factors: list[tuple[lark.Tree, bool]] = []
+        pending = [(node, False)]
+        while pending:  # unwrap signs, which may sit anywhere in the chain
+            current, inverted = pending.pop()
+            if current.data in ("neg", "pos"):
+                negations += current.data == "neg"
+                pending.append((current.children[0], inverted))
+            elif current.data in ("mul", "div"):
+                chain = self.operands(current, {"mul": False, "div": True})
+                pending.extend((n, inverted ^ flipped) for n, flipped in reversed(chain))
+            else:
+                factors.append((current, inverted))
+        values = [(self.build(f, context, depth + 1), inverted) for f, inverted in factors]
+        if any(value is None for value, _ in values):
+            return None
+
+        def build():
+            if len(values) == 1 and not values[0][1]:
+                # A lone sign: negate as sympy's `-e` does (Mul(-1, e) would re-flatten e,
+                # e.g. turn -(1/2)**x into -2**(-x), another tree than the printed one).
+                return -values[0][0].expr if negations % 2 else values[0][0].expr
+            exprs = [sympy.Integer(-1)] if negations % 2 else []
+            exprs += [sympy.Pow(v.expr, -1) if inv else v.expr for v, inv in values]
+            return sympy.Mul(*exprs)
+
+        def evaluate():
+            numbers = [1 / v.number if inv else v.number for v, inv in values]
+            return (-1) ** (negations % 2) * mpmath.fprod(numbers)
+
+        return self.combine(node, build, [v for v, _ in values], evaluate)
 
     def build_number(self, node: lark.Tree) -> _Value | None:
         text = str(node.children[0])
@@ -508,7 +573,8 @@ class _Checker:
             self.error(
                 f"number `{self.text(node)}` is out of range",
                 node,
-                f"numbers need at most {MAX_DIGITS} significant digits and must fit a float",
+                f"number literals are limited to {MAX_DIGITS} digits and exponents within "
+                f"±{MAX_DIGITS}",
             )
             return None
         return _Value(literal, mpmath.mpf(literal.p) / literal.q)
@@ -613,6 +679,21 @@ class _Checker:
             lambda: base.number**exponent.number,
         )
 
+    def representable(self, node: lark.Tree, expr: sympy.Expr, number) -> bool:
+        """Exact numbers small enough to print and re-read; values within the float range."""
+        for atom in expr.atoms(sympy.Rational):
+            if max(abs(atom.p).bit_length(), atom.q.bit_length()) > MAX_BITS:
+                self.error(f"`{self.text(node)}` needs too many digits", node)
+                return False
+            if abs(atom) > FLOAT_MAX:
+                what = "is" if node.data == "number" else f"contains the number `{atom}`, which is"
+                self.error(f"`{self.text(node)}` {what} too large for a float", node)
+                return False
+        if number is not None and abs(number) > FLOAT_MAX:
+            self.error(f"`{self.text(node)}` is too large for a float", node)
+            return False
+        return True
+
     def combine(
         self,
         node: lark.Tree,
@@ -660,10 +741,8 @@ class _Checker:
         if result.has(sympy.I) or (number is not None and result.is_real is False):
             self.error(f"`{self.text(node)}` is not a real number", node)
             return None
-        for atom in result.atoms(sympy.Rational):
-            if max(abs(atom.p).bit_length(), atom.q.bit_length()) > MAX_BITS:
-                self.error(f"`{self.text(node)}` needs too many digits", node)
-                return None
+        if not self.representable(node, result, None):
+            return None
         return _Value(result, number)
 
 
@@ -713,11 +792,12 @@ def _literal(text: str) -> sympy.Rational | None:
         return None
     power = (int(exponent) if exponent else 0) * (-1 if sign == "-" else 1)
     power += len(digits) - len(stripped) - len(fraction)
-    magnitude = len(stripped) + power  # the value is below 10**magnitude
-    if magnitude > 309 or magnitude < -400:
+    if abs(power) > MAX_DIGITS:
         return None
     value = sympy.Rational(int(stripped) * 10 ** max(power, 0), 10 ** max(-power, 0))
-    return value if value <= FLOAT_MAX else None
+    if max(value.p.bit_length(), value.q.bit_length()) > MAX_BITS:
+        return None
+    return value
 
 
 def _chunk_hint(value: sympy.Rational) -> str:

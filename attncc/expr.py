@@ -15,6 +15,7 @@ sigmoid, logsigmoid or softplus for any finite input).
 from __future__ import annotations
 
 import sympy
+from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
 from attncc.ir import X
@@ -226,6 +227,21 @@ class _TextPrinter(StrPrinter):
 
     def _print_Exp1(self, expr):  # sympy turns exp(1) into E, which the language has no name for
         return "exp(1)"
+
+    def _print_Mul(self, expr):
+        # StrPrinter rewrites a power of a fraction, (1/2)**(-x), as 1/2**(-x) inside a
+        # product (a different tree once parsed); print such products factor by factor.
+        if not any(
+            f.is_Pow and f.base.is_Rational and not f.base.is_Integer and not f.exp.is_Number
+            for f in expr.args
+        ):
+            return super()._print_Mul(expr)
+        args = list(expr.args)
+        sign = ""
+        if args[0] == -1:
+            sign, args = "-", args[1:]
+        prec = precedence(expr)
+        return sign + "*".join(self.parenthesize(a, prec, strict=False) for a in args)
 
 
 def to_text(expr: sympy.Expr) -> str:

@@ -26,10 +26,14 @@ def random_cu_seqlens(total: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([total])]).to(torch.int32)
 
 
-def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, extreme=False, tol=None):
+def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, extreme=False, tol=None, segment=None):
     module = module_for(spec)
-    fn, reference, _ = call_args(module, spec)
     B, T, H, H_kv, D, E = shape
+    # Force long sequences to be cut into segments of `segment` tokens (chained by a scan).
+    module.TUNED_CONFIGS.clear()
+    if segment is not None:
+        module.TUNED_CONFIGS[(spec.name, D, E)] = {"segment": segment}
+    fn, reference, _ = call_args(module, spec)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, D, generator=gen)
     k = torch.randn(B, T, H_kv, D, generator=gen)
@@ -76,7 +80,9 @@ def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen,
             err = rel_error(actual, expected, floor=1.0)
             bound = tol * 10
         else:
-            err = rel_error(actual, expected)
+            # Gradients that vanish in exact arithmetic are judged against a floor
+            # that grows with the dtype's rounding.
+            err = rel_error(actual, expected, floor=1e-2 if dtype == torch.float32 else 1e-1)
         assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.0e} for {spec} {shape}"
 
 
@@ -87,9 +93,10 @@ def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen,
     seed=st.integers(0, 2**31 - 1),
     use_initial_state=st.booleans(),
     varlen=st.booleans(),
+    segment=st.sampled_from([None, 16, 32]),
 )
-def test_random_spec_matches_reference(dtype, spec, shape, seed, use_initial_state, varlen):
-    check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen)
+def test_random_spec_matches_reference(dtype, spec, shape, seed, use_initial_state, varlen, segment):
+    check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, segment=segment)
 
 
 @pytest.mark.parametrize("decay", [Decay.PER_TOKEN, Decay.PER_CHANNEL])
@@ -109,5 +116,6 @@ def test_extreme_gates_stay_finite(decay, gated):
     )
     for seed in range(2):
         check_against_reference(
-            spec, (2, 45, 2, 1, 16, 16), seed, torch.float32, True, False, extreme=True, tol=1e-2
+            spec, (2, 45, 2, 1, 16, 16), seed, torch.float32, True, False, extreme=True, tol=1e-2,
+            segment=16 if seed else None,
         )

@@ -49,6 +49,12 @@ def _power(base_and_exponent):
     return base**exponent
 
 
+def _exponential(base_and_exponent):
+    base, exponent = base_and_exponent
+    assume(exponent.has(X))  # constant ** constant could overflow a float on the way
+    return base**exponent
+
+
 def _extend(children):
     return st.one_of(
         st.tuples(children, children).map(lambda ab: ab[0] + ab[1]),
@@ -61,7 +67,7 @@ def _extend(children):
             children,
             st.sampled_from([sympy.Integer(n) for n in range(-8, 9)] + [sympy.Rational(1, 2), sympy.Rational(-3, 2), sympy.Rational(1, 3)]),
         ).map(_power),
-        st.tuples(positive_rationals, children).map(lambda ab: ab[0] ** ab[1]),
+        st.tuples(positive_rationals, children).map(_exponential),
     )
 
 
@@ -73,6 +79,8 @@ def _valid_elementwise(e: sympy.Expr) -> bool:
         return False
     if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan, sympy.I):
         return False
+    if any(not sub.has(X) and sub.is_real is False for sub in sympy.preorder_traversal(e)):
+        return False  # e.g. (-1)**(1/3) from a root of a negative sub-expression
     for p in e.atoms(sympy.Pow):
         base, exponent = p.args
         if base.has(X) and exponent.has(X):

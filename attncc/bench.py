@@ -1,0 +1,229 @@
+"""Side-by-side timing of attncc's kernels, fla's and FlashAttention (SDPA), in one run.
+
+Every row is a median from `triton.testing.do_bench` on fresh random inputs;
+attncc's output is checked against fla's on the same inputs before timing.
+The memory floor is the time to read q, k, v once and write o once at the
+copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attncc.compiler import compile_source
+
+# The four decays, each as the spec whose math matches the fla op it is timed against.
+BENCH_SPECS = {
+    "none": ("attention linear_none {\n    decay = none\n    scale = auto\n}\n", "chunk_linear_attn"),
+    "per_head": ("attention lightning_head {\n    decay = per_head\n    scale = auto\n}\n", "chunk_simple_gla (g_gamma)"),
+    "per_token": ("attention gla_token {\n    decay = per_token\n    scale = auto\n}\n", "chunk_simple_gla (g)"),
+    "per_channel": ("attention gla_channel {\n    decay = per_channel\n    scale = auto\n}\n", "chunk_gla"),
+}
+
+
+@dataclass
+class Row:
+    shape: str
+    op: str
+    fwd_ms: float | None
+    fwdbwd_ms: float | None
+    note: str = ""
+
+
+def _import_source(source: str, name: str):
+    path = Path(tempfile.mkdtemp(prefix="attncc-bench-")) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _median_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def _time(forward, inputs, grad_out):
+    """(forward ms, forward+backward ms) for forward(*inputs) -> o."""
+    with torch.no_grad():
+        fwd = _median_ms(lambda: forward(*inputs))
+
+    def step():
+        o = forward(*inputs)
+        torch.autograd.grad(o, [x for x in inputs if x.requires_grad], grad_out)
+
+    try:
+        return fwd, _median_ms(step)
+    except Exception as error:  # a peer without a backward for this case
+        return fwd, f"backward failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+
+
+def copy_bandwidth(device: str = "cuda") -> float:
+    """Bytes per second of a large device-to-device copy, counting reads and writes."""
+    src = torch.randn(256 * 1024 * 1024 // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def _inputs(decay, B, T, H, D, dtype, device):
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)  # keep bf16 values tame
+    if decay == "per_head":
+        extra = torch.linspace(0.01, 0.2, H, device=device)
+    elif decay == "per_token":
+        extra = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device)).float()
+    elif decay == "per_channel":
+        extra = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device=device)).float() / 16
+    else:
+        extra = None
+    return q, k, v, extra
+
+
+def _fla_op(decay):
+    if decay == "none":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        return lambda q, k, v, scale: chunk_linear_attn(q, k, v, scale=scale, normalize=False)[0]
+    if decay == "per_head":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return lambda q, k, v, slope, scale: chunk_simple_gla(q, k, v, g_gamma=-slope, scale=scale)[0]
+    if decay == "per_token":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return lambda q, k, v, g, scale: chunk_simple_gla(q, k, v, g=g, scale=scale)[0]
+    from fla.ops.gla import chunk_gla
+
+    return lambda q, k, v, g, scale: chunk_gla(q, k, v, g=g, scale=scale)[0]
+
+
+def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPECS), against=("fla", "sdpa")):
+    device = "cuda"
+    bandwidth = copy_bandwidth(device)
+    print(f"# device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows: list[Row] = []
+    for B, T in shapes:
+        shape = f"({B}, {T})"
+        bytes_moved = 4 * B * T * heads * dim * torch.tensor([], dtype=dtype).element_size()
+        rows.append(Row(shape, "memory floor (q, k, v, o once)", bytes_moved / bandwidth * 1e3, None))
+        for decay in decays:
+            source, fla_name = BENCH_SPECS[decay]
+            module = _import_source(compile_source(source, f"bench_{decay}.attn"), f"attncc_bench_{decay}")
+            name = source.split()[1]
+            fn = getattr(module, name)
+            q, k, v, extra = _inputs(decay, B, T, heads, dim, dtype, device)
+            scale = dim**-0.5
+            leaves = [x.requires_grad_() for x in (q, k, v)]
+            args = leaves + ([extra.requires_grad_()] if extra is not None and decay != "per_head" else [])
+            call_extra = [] if extra is None else [extra]
+            if decay == "per_head":
+                ours = lambda q, k, v: fn(q, k, v, extra, scale=scale)[0]  # noqa: E731
+                ours_args = leaves
+            else:
+                ours = lambda *a: fn(*a, scale=scale)[0]  # noqa: E731
+                ours_args = args
+            grad_out = torch.randn(B, T, heads, dim, device=device, dtype=dtype)
+            note = ""
+            if "fla" in against:
+                try:
+                    fla = _fla_op(decay)
+                    with torch.no_grad():
+                        o_fla = fla(q, k, v, *call_extra, scale).float()
+                        o_ours = ours(*ours_args).float()
+                    err = ((o_ours - o_fla).norm() / o_fla.norm()).item()
+                    note = f"rel. diff vs fla {err:.1e}"
+                    if not err < 2e-2:
+                        raise AssertionError(f"attncc and fla disagree on {decay}: {err:.2e}")
+                    if decay == "per_head":
+                        fla_fwd, fla_fb = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
+                    else:
+                        fla_fwd, fla_fb = _time(lambda *a: fla(*a, scale), args, grad_out)
+                    rows.append(Row(shape, f"fla {fla_name}, {decay}", fla_fwd, fla_fb))
+                except ImportError:
+                    note = "fla not installed"
+            our_fwd, our_fb = _time(ours, ours_args, grad_out)
+            rows.append(Row(shape, f"attncc, {decay}", our_fwd, our_fb, note))
+            print(_format([rows[-1]]), flush=True)
+        if "sdpa" in against:
+            qs, ks, vs = (torch.randn(B, heads, T, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            fwd, fb = _time(sdpa, [qs, ks, vs], torch.randn(B, heads, T, dim, device=device, dtype=dtype))
+            rows.append(Row(shape, "FlashAttention via SDPA, causal", fwd, fb))
+    return rows
+
+
+def _cell(x):
+    return f"{x:.3f}" if isinstance(x, float) else ("—" if x is None else str(x))
+
+
+def _format(rows: list[Row]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.op} | {_cell(r.fwd_ms)} | {_cell(r.fwdbwd_ms)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[Row]) -> str:
+    """attncc's speedup over the matching fla op and SDPA, per shape and decay."""
+    out = ["| shape | decay | fwd speedup vs fla | fwd+bwd speedup vs fla | fwd / floor | fwd+bwd vs SDPA |",
+           "|---|---|---|---|---|---|"]
+    by_shape: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_shape.setdefault(r.shape, {})[r.op] = r
+    for shape, ops in by_shape.items():
+        floor = ops.get("memory floor (q, k, v, o once)")
+        sdpa = ops.get("FlashAttention via SDPA, causal")
+        for decay in BENCH_SPECS:
+            ours = ops.get(f"attncc, {decay}")
+            if ours is None:
+                continue
+            fla = next((r for op, r in ops.items() if op.startswith("fla") and op.endswith(f", {decay}")), None)
+
+            def ratio(a, b):
+                return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "—"
+
+            out.append(
+                f"| {shape} | {decay} | {ratio(fla.fwd_ms, ours.fwd_ms) if fla else '—'} "
+                f"| {ratio(fla.fwdbwd_ms, ours.fwdbwd_ms) if fla else '—'} "
+                f"| {ratio(ours.fwd_ms, floor.fwd_ms) if floor else '—'} "
+                f"| {ratio(sdpa.fwdbwd_ms, ours.fwdbwd_ms) if sdpa else '—'} |"
+            )
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="2,4096;1,16384", help="B,T pairs separated by ';'")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    parser.add_argument("--against", default="fla,sdpa")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("attncc bench: no CUDA GPU here; timings need one.", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    rows = run(shapes, args.heads, args.dim, dtype, args.decays.split(","), args.against.split(","))
+    print("\n| shape (B, T) | op | fwd ms | fwd+bwd ms | note |\n|---|---|---|---|---|")
+    print(_format(rows))
+    print()
+    print(ratio_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
