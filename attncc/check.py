@@ -686,7 +686,7 @@ class _Checker:
                 self.error(f"`{self.text(node)}` needs too many digits", node)
                 return False
             if abs(atom) > FLOAT_MAX:
-                what = "is" if node.data == "number" else f"contains the number `{atom}`, which is"
+                what = "is" if node.data == "number" else "contains a number"
                 self.error(f"`{self.text(node)}` {what} too large for a float", node)
                 return False
         if number is not None and abs(number) > FLOAT_MAX:
