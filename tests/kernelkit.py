@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -68,5 +67,4 @@ def decay_input(spec: AttentionSpec, B: int, T: int, H: int, H_kv: int, D: int, 
 def call_args(module, spec):
     """The public function, its _step and reference, and whether it takes a decay argument."""
     fn = getattr(module, spec.name)
-    takes_decay = len(inspect.signature(fn).parameters) > 3 + 4  # q, k, v + 4 keyword-only
-    return fn, getattr(module, f"{spec.name}_reference"), takes_decay
+    return fn, getattr(module, f"{spec.name}_reference"), spec.decay is not Decay.NONE

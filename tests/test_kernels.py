@@ -32,7 +32,8 @@ def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen,
     # Force long sequences to be cut into segments of `segment` tokens (chained by a scan).
     module.TUNED_CONFIGS.clear()
     if segment is not None:
-        module.TUNED_CONFIGS[(spec.name, D, E)] = {"segment": segment}
+        forward_segment, backward_segment = segment
+        module.TUNED_CONFIGS[(spec.name, D, E)] = {"segment": forward_segment, "bwd_segment": backward_segment}
     fn, reference, _ = call_args(module, spec)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, D, generator=gen)
@@ -93,7 +94,7 @@ def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen,
     seed=st.integers(0, 2**31 - 1),
     use_initial_state=st.booleans(),
     varlen=st.booleans(),
-    segment=st.sampled_from([None, 16, 32]),
+    segment=st.tuples(st.sampled_from([None, 16, 32]), st.sampled_from([None, 16, 48])),
 )
 def test_random_spec_matches_reference(dtype, spec, shape, seed, use_initial_state, varlen, segment):
     check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, segment=segment)
@@ -117,5 +118,5 @@ def test_extreme_gates_stay_finite(decay, gated):
     for seed in range(2):
         check_against_reference(
             spec, (2, 45, 2, 1, 16, 16), seed, torch.float32, True, False, extreme=True, tol=1e-2,
-            segment=16 if seed else None,
+            segment=(16, None) if seed else (None, 32),
         )

@@ -1,0 +1,160 @@
+"""The generated module as a runtime: decoding, packed batches, bad calls, attncc.load."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from kernelkit import DEVICE, decay_input, module_for, rel_error
+
+from attncc import expr as ex
+from attncc.ir import X, AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = {
+    "none": AttentionSpec("rt_none", q_map=ElementwiseMap(ex.elu(X) + 1), k_map=ElementwiseMap(ex.elu(X) + 1),
+                          normalize=True, chunk=16),
+    "per_head": AttentionSpec("rt_head", decay=Decay.PER_HEAD, chunk=16),
+    "per_token": AttentionSpec("rt_token", decay=Decay.PER_TOKEN, gate=ex.logsigmoid(X) / 16, chunk=16,
+                               k_map=RowMap(RowMapKind.L2NORM)),
+    "per_channel": AttentionSpec("rt_channel", decay=Decay.PER_CHANNEL, chunk=16),
+}
+
+
+def _inputs(spec, B=2, T=29, H=4, H_kv=2, D=20, E=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen).to(DEVICE)
+    k = torch.randn(B, T, H_kv, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, T, H_kv, E, generator=gen).to(DEVICE)
+    decay = decay_input(spec, B, T, H, H_kv, D, gen)
+    return q, k, v, (None if decay is None else decay.to(DEVICE))
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_prefix_then_steps_equals_one_call(kind):
+    spec = SPECS[kind]
+    module = module_for(spec)
+    fn, step = getattr(module, spec.name), getattr(module, f"{spec.name}_step")
+    q, k, v, decay = _inputs(spec)
+    extra = [] if decay is None else [decay]
+    o_full, state_full = fn(q, k, v, *extra, output_final_state=True)
+    prefix = 11
+    per_token = decay is not None and decay.dim() > 1
+    o_prefix, state = fn(q[:, :prefix], k[:, :prefix], v[:, :prefix],
+                         *([decay[:, :prefix]] if per_token else extra), output_final_state=True)
+    outputs = [o_prefix]
+    for t in range(prefix, q.shape[1]):
+        o_t, state = step(q[:, t], k[:, t], v[:, t], state, *([decay[:, t]] if per_token else extra))
+        outputs.append(o_t[:, None])
+    assert rel_error(torch.cat(outputs, dim=1), o_full) < 2e-5
+    assert rel_error(state, state_full) < 2e-5
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_packed_batch_equals_separate_calls(kind):
+    spec = SPECS[kind]
+    fn = getattr(module_for(spec), spec.name)
+    q, k, v, decay = _inputs(spec, B=1, T=40)
+    per_token = decay is not None and decay.dim() > 1
+    cu_seqlens = torch.tensor([0, 7, 8, 33, 40], dtype=torch.int32, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([decay.clone().requires_grad_()] if per_token else [])
+    extra = [] if decay is None else ([] if per_token else [decay])
+    o, state = fn(*leaves, *extra, cu_seqlens=cu_seqlens, output_final_state=True)
+    grad_out = torch.randn_like(o)
+    (o * grad_out).sum().backward()
+    for i in range(4):
+        a, b = cu_seqlens[i].item(), cu_seqlens[i + 1].item()
+        pieces = [x.detach()[:, a:b].clone().requires_grad_() for x in leaves]
+        o_i, state_i = fn(*pieces, *extra, output_final_state=True)
+        (o_i * grad_out[:, a:b]).sum().backward()
+        assert rel_error(o[:, a:b], o_i) < 1e-5
+        assert rel_error(state[i], state_i[0]) < 1e-5
+        for whole, piece in zip(leaves, pieces):
+            assert rel_error(whole.grad[:, a:b], piece.grad) < 1e-5
+
+
+def _error(call) -> str:
+    with pytest.raises(ValueError) as info:
+        call()
+    return str(info.value)
+
+
+def test_bad_calls_raise_value_errors_naming_the_argument():
+    spec = SPECS["per_token"]
+    fn = getattr(module_for(spec), spec.name)
+    q, k, v, g = _inputs(spec)
+    assert "q must have shape [B, T, H, D]" in _error(lambda: fn(q[0], k, v, g))
+    assert "k must have shape [B, T, H_kv, D]" in _error(lambda: fn(q, k[:, :5], v, g))
+    assert "v must have shape [B, T, H_kv, E]" in _error(lambda: fn(q, k, v[:, :, :1], g))
+    assert "share one dtype" in _error(lambda: fn(q, k.half(), v, g))
+    assert "dtype torch.float64" in _error(lambda: fn(q.double(), k.double(), v.double(), g))
+    assert "H_kv dividing H" in _error(lambda: fn(q[:, :, :3], k, v, g))
+    assert "gate_input must have shape [B, T, H_kv]" in _error(lambda: fn(q, k, v, g[:, :, :1]))
+    assert "needs gate_input" in _error(lambda: fn(q, k, v))
+    assert "more positional argument" in _error(lambda: fn(q, k, v, g, g))
+    assert "k is on meta" in _error(lambda: fn(q, k.to("meta"), v, g))
+    assert "initial_state must have shape" in _error(
+        lambda: fn(q, k, v, g, initial_state=torch.zeros(2, 4, 20, 23, device=DEVICE)))
+    assert "initial_state has dtype" in _error(
+        lambda: fn(q, k, v, g, initial_state=torch.zeros(2, 4, 20, 24, device=DEVICE, dtype=torch.bfloat16)))
+    assert "scale must be a positive" in _error(lambda: fn(q, k, v, g, scale=-1.0))
+    q1, k1, v1, g1 = (x[:1] for x in (q, k, v, g))
+    cu = torch.tensor([0, 10, 29], device=DEVICE)
+    assert "cu_seqlens must be an int32 or int64" in _error(lambda: fn(q1, k1, v1, g1, cu_seqlens=cu.float()))
+    assert "strictly increasing" in _error(
+        lambda: fn(q1, k1, v1, g1, cu_seqlens=torch.tensor([0, 10, 10, 29], device=DEVICE)))
+    assert "end at T = 29" in _error(lambda: fn(q1, k1, v1, g1, cu_seqlens=torch.tensor([0, 10, 28], device=DEVICE)))
+    assert "(B = 1)" in _error(lambda: fn(q, k, v, g, cu_seqlens=cu))
+    step = getattr(module_for(spec), f"{spec.name}_step")
+    state = torch.zeros(2, 4, 20, 24, device=DEVICE)
+    assert "state must have shape" in _error(lambda: step(q[:, 0], k[:, 0], v[:, 0], state[:, :2], g[:, 0]))
+    assert "gate_input must have shape [B, H_kv]" in _error(lambda: step(q[:, 0], k[:, 0], v[:, 0], state, g))
+
+
+def test_noncausal_refuses_an_initial_state():
+    spec = AttentionSpec("rt_nc", causal=False, chunk=16)
+    fn = getattr(module_for(spec), spec.name)
+    q, k, v, _ = _inputs(spec)
+    assert "not causal" in _error(lambda: fn(q, k, v, initial_state=torch.zeros(2, 4, 20, 24, device=DEVICE)))
+
+
+def _load_in_subprocess(spec_path: str, cache: str, queue) -> None:
+    os.environ["ATTNCC_CACHE_DIR"] = cache
+    import attncc
+
+    module = attncc.load(spec_path)
+    queue.put(module.__file__)
+
+
+def test_load_compiles_caches_and_is_safe_across_processes(tmp_path, monkeypatch):
+    import attncc
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
+    spec_path = tmp_path / "tiny.attn"
+    spec_path.write_text("attention tiny {\n    decay = per_head\n    chunk = 16\n}\n")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_load_in_subprocess, args=(str(spec_path), str(tmp_path / "cache"), queue))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    paths = {queue.get(timeout=5) for _ in workers}
+    assert len(paths) == 1
+    module = attncc.load(spec_path)
+    assert module.__file__ in paths
+    assert attncc.load(spec_path) is module
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    slope = torch.rand(2)
+    o, _ = module.tiny(q, k, v, slope)
+    o_ref, _ = module.reference(q.double(), k.double(), v.double(), slope.double())
+    assert o.shape == (1, 5, 2, 16) and rel_error(o, o_ref) < 1e-5
+    # A changed spec is a different module.
+    spec_path.write_text("attention tiny {\n    decay = none\n    chunk = 16\n}\n")
+    assert attncc.load(spec_path) is not module
