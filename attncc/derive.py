@@ -26,7 +26,8 @@ L2NORM_EPS = 1e-6  # inside the square root of l2norm, as fla does
 NORMALIZER_EPS = 1e-6  # o = num / (den + eps) with normalize = true
 # Launch defaults when the spec says `chunk = auto` and nothing is tuned: picked from
 # forward+backward sweeps on an H100 (see benchmarks/NOTES.md).
-DEFAULT_CHUNK = {"none": 32, "per_head": 32, "per_token": 32, "per_channel": 64}
+DEFAULT_CHUNK = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 64}
+DEFAULT_BWD_CHUNK = {"none": 16, "per_head": 16, "per_token": 16, "per_channel": 64}
 DEFAULT_BLOCK_E = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 128}
 DEFAULT_WARPS = {"none": 4, "per_head": 4, "per_token": 4, "per_channel": 8}
 
@@ -63,6 +64,7 @@ class KernelPlan:
     k_map: MapPlan
     gate: GatePlan | None
     helpers: tuple[str, ...]  # elementwise Triton helpers the module must define
+    bwd_chunk: int  # the backward kernels' chunk (they need not match the forward's)
     block_e: int  # widest value block one forward program takes
     num_warps: int
     decay_input: str | None  # the call-time argument carrying the decay: slope, g, gate_input
@@ -122,6 +124,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         decay=spec.decay.value,
         causal=spec.causal,
         chunk=spec.chunk or DEFAULT_CHUNK[spec.decay.value],
+        bwd_chunk=DEFAULT_BWD_CHUNK[spec.decay.value],
         block_e=DEFAULT_BLOCK_E[spec.decay.value],
         num_warps=DEFAULT_WARPS[spec.decay.value],
         scale=None if spec.scale is None else float(sympy.N(spec.scale, 17)),

@@ -21,6 +21,7 @@ from attncc.ir import AttentionSpec, Decay
 
 SEARCH_SPACE = {
     "chunk": [16, 32, 64, 128],
+    "bwd_chunk": [16, 32, 64],
     "block_e": [32, 64, 128],
     "num_warps": [4, 8],
     "num_stages": [1, 2, 3],
@@ -73,7 +74,7 @@ def sweep(
     B, T, H, D = shape[:4]
     E = shape[4] if len(shape) > 4 else D
     inputs = _inputs(spec, B, T, H, D, E, dtype)
-    best = {"chunk": spec.chunk or 64, "block_e": 64, "num_warps": 4, "num_stages": 2, "segment": None,
+    best = {"chunk": spec.chunk or 64, "bwd_chunk": 16, "block_e": 64, "num_warps": 4, "num_stages": 2, "segment": None,
             "bwd_segment": None}
     if spec.chunk is not None:
         space = {key: values for key, values in SEARCH_SPACE.items() if key != "chunk"}

@@ -26,14 +26,18 @@ def random_cu_seqlens(total: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([total])]).to(torch.int32)
 
 
-def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, extreme=False, tol=None, segment=None):
+def check_against_reference(
+    spec, shape, seed, dtype, use_initial_state, varlen, extreme=False, tol=None, segment=None
+):
     module = module_for(spec)
     B, T, H, H_kv, D, E = shape
     # Force long sequences to be cut into segments of `segment` tokens (chained by a scan).
     module.TUNED_CONFIGS.clear()
     if segment is not None:
-        forward_segment, backward_segment = segment
-        module.TUNED_CONFIGS[(spec.name, D, E)] = {"segment": forward_segment, "bwd_segment": backward_segment}
+        forward_segment, backward_segment, backward_chunk = segment
+        module.TUNED_CONFIGS[(spec.name, D, E)] = {
+            "segment": forward_segment, "bwd_segment": backward_segment, "bwd_chunk": backward_chunk
+        }
     fn, reference, _ = call_args(module, spec)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, D, generator=gen)
@@ -94,7 +98,7 @@ def check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen,
     seed=st.integers(0, 2**31 - 1),
     use_initial_state=st.booleans(),
     varlen=st.booleans(),
-    segment=st.tuples(st.sampled_from([None, 16, 32]), st.sampled_from([None, 16, 48])),
+    segment=st.tuples(st.sampled_from([None, 16, 32]), st.sampled_from([None, 16, 48]), st.sampled_from([16, 32])),
 )
 def test_random_spec_matches_reference(dtype, spec, shape, seed, use_initial_state, varlen, segment):
     check_against_reference(spec, shape, seed, dtype, use_initial_state, varlen, segment=segment)
@@ -118,5 +122,5 @@ def test_extreme_gates_stay_finite(decay, gated):
     for seed in range(2):
         check_against_reference(
             spec, (2, 45, 2, 1, 16, 16), seed, torch.float32, True, False, extreme=True, tol=1e-2,
-            segment=(16, None) if seed else (None, 32),
+            segment=(16, None, 16) if seed else (None, 32, 32),
         )

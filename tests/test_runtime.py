@@ -150,8 +150,8 @@ def test_load_compiles_caches_and_is_safe_across_processes(tmp_path, monkeypatch
     assert module.__file__ in paths
     assert attncc.load(spec_path) is module
     assert not list((tmp_path / "cache").glob("*.tmp"))
-    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
-    slope = torch.rand(2)
+    q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
+    slope = torch.rand(2, device=DEVICE)
     o, _ = module.tiny(q, k, v, slope)
     o_ref, _ = module.reference(q.double(), k.double(), v.double(), slope.double())
     assert o.shape == (1, 5, 2, 16) and rel_error(o, o_ref) < 1e-5
