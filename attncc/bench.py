@@ -116,6 +116,7 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
         shape = f"({B}, {T})"
         bytes_moved = 4 * B * T * heads * dim * torch.tensor([], dtype=dtype).element_size()
         rows.append(Row(shape, "memory floor (q, k, v, o once)", bytes_moved / bandwidth * 1e3, None))
+        print(_format([rows[-1]]), flush=True)
         for decay in decays:
             source, fla_name = BENCH_SPECS[decay]
             module = _import_source(compile_source(source, f"bench_{decay}.attn"), f"attncc_bench_{decay}")
@@ -133,32 +134,33 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
                 ours = lambda *a: fn(*a, scale=scale)[0]  # noqa: E731
                 ours_args = args
             grad_out = torch.randn(B, T, heads, dim, device=device, dtype=dtype)
-            note = ""
+            our_fwd, our_fb = _time(ours, ours_args, grad_out)
+            rows.append(Row(shape, f"attncc, {decay}", our_fwd, our_fb))
+            print(_format([rows[-1]]), flush=True)
             if "fla" in against:
                 try:
                     fla = _fla_op(decay)
-                    with torch.no_grad():
-                        o_fla = fla(q, k, v, *call_extra, scale).float()
-                        o_ours = ours(*ours_args).float()
-                    err = ((o_ours - o_fla).norm() / o_fla.norm()).item()
-                    note = f"rel. diff vs fla {err:.1e}"
-                    if not err < 2e-2:
-                        raise AssertionError(f"attncc and fla disagree on {decay}: {err:.2e}")
-                    if decay == "per_head":
-                        fla_fwd, fla_fb = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
-                    else:
-                        fla_fwd, fla_fb = _time(lambda *a: fla(*a, scale), args, grad_out)
-                    rows.append(Row(shape, f"fla {fla_name}, {decay}", fla_fwd, fla_fb))
                 except ImportError:
-                    note = "fla not installed"
-            our_fwd, our_fb = _time(ours, ours_args, grad_out)
-            rows.append(Row(shape, f"attncc, {decay}", our_fwd, our_fb, note))
-            print(_format([rows[-1]]), flush=True)
+                    rows[-1].note = "fla not installed"
+                    continue
+                with torch.no_grad():
+                    o_fla = fla(q, k, v, *call_extra, scale).float()
+                    o_ours = ours(*ours_args).float()
+                err = ((o_ours - o_fla).norm() / o_fla.norm()).item()
+                if not err < 2e-2:
+                    raise AssertionError(f"attncc and fla disagree on {decay}: {err:.2e}")
+                if decay == "per_head":
+                    fla_fwd, fla_fb = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
+                else:
+                    fla_fwd, fla_fb = _time(lambda *a: fla(*a, scale), args, grad_out)
+                rows.append(Row(shape, f"fla {fla_name}, {decay}", fla_fwd, fla_fb, f"attncc vs fla output: rel. diff {err:.1e}"))
+                print(_format([rows[-1]]), flush=True)
         if "sdpa" in against:
             qs, ks, vs = (torch.randn(B, heads, T, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
             fwd, fb = _time(sdpa, [qs, ks, vs], torch.randn(B, heads, T, dim, device=device, dtype=dtype))
             rows.append(Row(shape, "FlashAttention via SDPA, causal", fwd, fb))
+            print(_format([rows[-1]]), flush=True)
     return rows
 
 

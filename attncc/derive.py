@@ -12,7 +12,6 @@ import sympy
 
 from attncc import expr as ex
 from attncc.ir import (
-    X,
     AttentionSpec,
     Decay,
     ElementwiseMap,
@@ -20,6 +19,7 @@ from attncc.ir import (
     IdentityMap,
     RowMap,
     RowMapKind,
+    X,
 )
 
 L2NORM_EPS = 1e-6  # inside the square root of l2norm, as fla does

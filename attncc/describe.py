@@ -90,7 +90,9 @@ def _where(spec: AttentionSpec) -> list[str]:
             lines.append(f"    g_t = g{index}   ({what}, g ≤ 0)")
         else:
             lines.append(f"    g_t = f(gate_input{index}),  f(x) = {to_text(spec.gate)}")
-            lines.append(f"          ({what}; f is applied elementwise inside the kernel, g ≤ 0 expected)")
+            lines.append(
+                f"          ({what}; f is applied elementwise inside the kernel, g ≤ 0 expected)"
+            )
     if spec.scale is None:
         lines.append("    scale = 1/sqrt(D)   (auto; the `scale=` argument overrides it)")
     else:
@@ -125,9 +127,13 @@ def _inputs(spec: AttentionSpec) -> list[str]:
     ]
     if spec.causal:
         extra = "; the last column is the normalizer z" if spec.normalize else ""
-        kw.append(("initial_state=None", f"[B, H, D, {state_e}] float32 state to start from{extra}"))
+        kw.append(
+            ("initial_state=None", f"[B, H, D, {state_e}] float32 state to start from{extra}")
+        )
     else:
-        kw.append(("initial_state=None", "must stay None: non-causal attention has no running state"))
+        kw.append(
+            ("initial_state=None", "must stay None: non-causal attention has no running state")
+        )
     kw += [
         ("output_final_state=False", "also return the state after the last token"),
         ("cu_seqlens=None", "[N+1] int offsets of N sequences packed along T (B = 1);"),

@@ -214,7 +214,9 @@ def _syntax_diagnostic(
     return Diagnostic(message, span, hint)
 
 
-def parse_source(source: str, filename: str = "<string>") -> tuple[list[lark.Tree], list[Diagnostic]]:
+def parse_source(
+    source: str, filename: str = "<string>"
+) -> tuple[list[lark.Tree], list[Diagnostic]]:
     """Parse spec text into its `block` trees; syntax errors come back as diagnostics.
 
     Never raises for bad input: a segment with a syntax error contributes a

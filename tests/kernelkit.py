@@ -20,7 +20,7 @@ _OUT = Path(tempfile.mkdtemp(prefix="attncc-test-"))
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_for(spec: AttentionSpec):
     """Render `spec` into a module file and import it (cached per IR value)."""
     source = render_module([spec], f"# test spec {spec.name}\n", f"{spec.name}.attn")

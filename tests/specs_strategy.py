@@ -6,7 +6,7 @@ import sympy
 from hypothesis import strategies as st
 
 from attncc import expr as ex
-from attncc.ir import X, AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind
+from attncc.ir import AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind, X
 
 # Maps whose output is positive: the only ones a normalized spec may use.
 POSITIVE_MAPS = [

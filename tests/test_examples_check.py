@@ -12,7 +12,7 @@ from attncc.check import load_spec_file, parse_spec
 from attncc.cli import main
 from attncc.describe import describe
 from attncc.expr import FUNCTIONS
-from attncc.ir import X, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind
+from attncc.ir import Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind, X
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FILES = sorted(EXAMPLES.glob("*.attn"))

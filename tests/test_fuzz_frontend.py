@@ -27,11 +27,61 @@ SOURCES = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.attn")
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 WORDS = [
-    "attention", "attenton", "lightning", *KEYS, "none", "per_head", "per_token", "per_channel",
-    "true", "false", "True", "auto", "identity", "l2norm", "softmax", "x", "y", *FUNCTIONS,
-    "0", "1", "2", "8", "9", "16", "48", "64", "256", "0.5", "1e999", "1e-999", ".5", "3.",
-    "123456789012345678901234567890", "=", "{", "}", "(", ")", ",", ";", "+", "-", "*", "/",
-    "**", "#", ":", "@", "\n", " ", "\t", "\r\n", "\x0c", "é", "\x00",
+    "attention",
+    "attenton",
+    "lightning",
+    *KEYS,
+    "none",
+    "per_head",
+    "per_token",
+    "per_channel",
+    "true",
+    "false",
+    "True",
+    "auto",
+    "identity",
+    "l2norm",
+    "softmax",
+    "x",
+    "y",
+    *FUNCTIONS,
+    "0",
+    "1",
+    "2",
+    "8",
+    "9",
+    "16",
+    "48",
+    "64",
+    "256",
+    "0.5",
+    "1e999",
+    "1e-999",
+    ".5",
+    "3.",
+    "123456789012345678901234567890",
+    "=",
+    "{",
+    "}",
+    "(",
+    ")",
+    ",",
+    ";",
+    "+",
+    "-",
+    "*",
+    "/",
+    "**",
+    "#",
+    ":",
+    "@",
+    "\n",
+    " ",
+    "\t",
+    "\r\n",
+    "\x0c",
+    "é",
+    "\x00",
 ]
 
 
@@ -124,12 +174,23 @@ _TOKEN = re.compile(r"\w+|\s+|.", re.DOTALL)
 def mutated_examples(draw):
     text = draw(st.sampled_from(SOURCES))
     for _ in range(draw(st.integers(1, 4))):
-        how = draw(st.sampled_from(["delete", "insert", "swap", "drop_token", "dup_token",
-                                    "swap_tokens", "insert_word"]))
+        how = draw(
+            st.sampled_from(
+                [
+                    "delete",
+                    "insert",
+                    "swap",
+                    "drop_token",
+                    "dup_token",
+                    "swap_tokens",
+                    "insert_word",
+                ]
+            )
+        )
         if how in ("delete", "insert", "swap") and text:
             i = draw(st.integers(0, len(text) - 1))
             if how == "delete":
-                text = text[:i] + text[i + 1:]
+                text = text[:i] + text[i + 1 :]
             elif how == "insert":
                 char = draw(st.one_of(st.sampled_from("{}=()*/+-;#\n x0._"), st.characters()))
                 text = text[:i] + char + text[i:]
@@ -175,9 +236,23 @@ def test_pathological_inputs():
     nested_calls = "attention a { feature_map = " + "exp(" * 400 + "x" + ")" * 400 + " }"
     huge_power = "attention a { scale = ((((10**8)**8)**8)**8)**8 }"
     towers = "attention a { scale = exp(exp(exp(exp(100)))) }"
-    for source in [deep, long_sum, long_product, nested_neg, nested_calls, huge_power, towers,
-                   "", "\n", "#", "attention", "}", "attention a {" * 200, "\x00" * 10,
-                   "attention a { chunk = " + "9" * 5000 + " }",
-                   "attention a { scale = 1e" + "9" * 5000 + " }",
-                   "attention a { scale = 0." + "0" * 5000 + "1 }"]:
+    for source in [
+        deep,
+        long_sum,
+        long_product,
+        nested_neg,
+        nested_calls,
+        huge_power,
+        towers,
+        "",
+        "\n",
+        "#",
+        "attention",
+        "}",
+        "attention a {" * 200,
+        "\x00" * 10,
+        "attention a { chunk = " + "9" * 5000 + " }",
+        "attention a { scale = 1e" + "9" * 5000 + " }",
+        "attention a { scale = 0." + "0" * 5000 + "1 }",
+    ]:
         check_outcome(source)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernelkit import module_for
 
 from attncc import expr as ex
-from attncc.ir import X, AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind
+from attncc.ir import AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind, X
 
 EPS = 1e-6
 HAND_MAPS = {

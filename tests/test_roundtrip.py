@@ -12,17 +12,26 @@ from hypothesis import strategies as st
 from attncc.canonical import to_canonical
 from attncc.check import CHUNKS, RESERVED_NAMES, generated_names, parse_spec
 from attncc.expr import FUNCTIONS, to_text
-from attncc.ir import X, AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind, SpecFile
+from attncc.ir import (
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    IdentityMap,
+    RowMap,
+    RowMapKind,
+    SpecFile,
+    X,
+)
 
 SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
 # -- constants ----------------------------------------------------------------
 
-rationals = st.builds(
-    sympy.Rational, st.integers(-40, 40), st.integers(1, 12)
-)
+rationals = st.builds(sympy.Rational, st.integers(-40, 40), st.integers(1, 12))
 positive_rationals = st.builds(sympy.Rational, st.integers(1, 300), st.integers(1, 300))
 constants = st.one_of(
     rationals,
@@ -65,7 +74,10 @@ def _extend(children):
         st.tuples(st.sampled_from(sorted(FUNCTIONS)), children).map(_apply),
         st.tuples(
             children,
-            st.sampled_from([sympy.Integer(n) for n in range(-8, 9)] + [sympy.Rational(1, 2), sympy.Rational(-3, 2), sympy.Rational(1, 3)]),
+            st.sampled_from(
+                [sympy.Integer(n) for n in range(-8, 9)]
+                + [sympy.Rational(1, 2), sympy.Rational(-3, 2), sympy.Rational(1, 3)]
+            ),
         ).map(_power),
         st.tuples(positive_rationals, children).map(_exponential),
     )
@@ -108,9 +120,11 @@ scales = st.one_of(
 # -- names ----------------------------------------------------------------------
 
 names = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,11}", fullmatch=True).filter(
-    lambda n: not keyword.iskeyword(n)
-    and not hasattr(builtins, n)
-    and not set(generated_names(n)) & RESERVED_NAMES
+    lambda n: (
+        not keyword.iskeyword(n)
+        and not hasattr(builtins, n)
+        and not set(generated_names(n)) & RESERVED_NAMES
+    )
 )
 
 

@@ -11,7 +11,7 @@ import torch
 from kernelkit import DEVICE, decay_input, module_for, rel_error
 
 from attncc import expr as ex
-from attncc.ir import X, AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind
+from attncc.ir import AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind, X
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = {
@@ -72,7 +72,7 @@ def test_packed_batch_equals_separate_calls(kind):
         (o_i * grad_out[:, a:b]).sum().backward()
         assert rel_error(o[:, a:b], o_i) < 1e-5
         assert rel_error(state[i], state_i[0]) < 1e-5
-        for whole, piece in zip(leaves, pieces):
+        for whole, piece in zip(leaves, pieces, strict=True):
             assert rel_error(whole.grad[:, a:b], piece.grad) < 1e-5
 
 
