@@ -54,11 +54,13 @@ ROW_MAPS = tuple(k.value for k in RowMapKind)
 MAP_WORDS = ("identity", *ROW_MAPS)
 BOOLEANS = ("true", "false")
 CHUNKS = (16, 32, 64, 128, 256)
-MAX_INT_POWER = 8  # |n| of integer powers of x-dependent bases
+MAX_POWER = 8  # |exponent| of powers of x-dependent bases
 MAX_DEPTH = 100  # nesting of an expression
 MAX_BITS = 2048  # numerator/denominator size of any exact number
 MAX_DIGITS = 620  # digits of a number literal, and of its power of ten: just above MAX_BITS
 FLOAT_MAX = sys.float_info.max
+_PRECISION = 50  # decimal digits of the numeric evaluation of constants
+_CANCELLATION = mpmath.mpf(10) ** -35  # |sum| / |largest term| below which a sum may be 0
 # Functions sympy itself can evaluate numerically: all a constant `scale` may use.
 SCALE_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh")
 
@@ -453,10 +455,10 @@ class _Checker:
                     value,
                 )
                 raise _Refused
-            if base.has(X) and exponent.is_Integer and abs(int(exponent)) > MAX_INT_POWER:
+            if base.has(X) and exponent.is_Number and abs(exponent) > MAX_POWER:
                 self.error(
-                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`: integer powers "
-                    f"of `x` are limited to exponents from -{MAX_INT_POWER} to {MAX_INT_POWER}",
+                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`: powers of "
+                    f"expressions in `x` are limited to exponents from -{MAX_POWER} to {MAX_POWER}",
                     value,
                 )
                 raise _Refused
@@ -524,7 +526,15 @@ class _Checker:
         def evaluate():
             return mpmath.fsum(-v.number if negated else v.number for v, negated in values)
 
-        return self.combine(node, build, [v for v, _ in values], evaluate)
+        result = self.combine(node, build, [v for v, _ in values], evaluate)
+        if result is not None and result.constant and result.expr != 0:
+            # A constant sum that cancels numerically, like (1 + sqrt(2))**2 - 3 - 2*sqrt(2),
+            # may be an exact zero sympy did not see: expand to find out, so that dividing
+            # by it or taking its log is refused rather than computed from rounding noise.
+            largest = max(abs(v.number) for v, _ in values)
+            if abs(result.number) <= largest * _CANCELLATION and sympy.expand(result.expr) == 0:
+                return _Value(sympy.Integer(0), mpmath.mpf(0))
+        return result
 
     def build_product(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
         """A chain of `*`, `/` and signs, built as one n-ary sympy Mul.
@@ -660,10 +670,13 @@ class _Checker:
                 )
                 return None
         elif base.expr.has(X):
-            if exponent.expr.is_Integer and abs(int(exponent.expr)) > MAX_INT_POWER:
+            # Integer powers are expanded into products by the code printers; and sympy
+            # computes c**e exactly for constant factors c of the base, (2*x)**(10**14/3)
+            # included: the exponent stays small.
+            if abs(exponent.number) > MAX_POWER:
                 self.error(
-                    f"integer powers of `x` are limited to exponents from -{MAX_INT_POWER} "
-                    f"to {MAX_INT_POWER}, not {int(exponent.expr)}",
+                    f"powers of expressions in `x` are limited to exponents from -{MAX_POWER} "
+                    f"to {MAX_POWER}, not {self.text(node.children[1])}",
                     node,
                 )
                 return None
@@ -844,7 +857,8 @@ def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
         raise TypeError(f"parse_spec expects the spec text as str, got {type(source).__name__}")
     checker = _Checker(source, filename)
     try:
-        return checker.check_file()
+        with mpmath.workdps(_PRECISION):
+            return checker.check_file()
     except RecursionError:
         checker.diagnostics.append(
             Diagnostic("the spec is nested too deeply to process", Span(filename, 1, 1, 1, 2))

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-import triton
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from attncc import __version__
 from attncc.compiler import compile_file
@@ -35,6 +36,15 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def _triton_version() -> str:
+    # Read without importing triton: on a CPU-only machine the generated module must
+    # set TRITON_INTERPRET before triton is first imported.
+    try:
+        return package_version("triton")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def load(spec_path: str | os.PathLike) -> ModuleType:
     """Compile `spec_path` (or reuse the cached module) and import it.
 
@@ -43,7 +53,7 @@ def load(spec_path: str | os.PathLike) -> ModuleType:
     """
     spec_path = Path(spec_path)
     source = compile_file(spec_path)
-    key = hashlib.sha256(f"{source}\0{__version__}\0{triton.__version__}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{source}\0{__version__}\0{_triton_version()}".encode()).hexdigest()[:20]
     module_name = f"attncc_{spec_path.stem}_{key}"
     if module_name in sys.modules:
         return sys.modules[module_name]

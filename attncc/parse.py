@@ -227,7 +227,7 @@ def parse_source(
     p = parser()
     for segment in _segments(source):
         text = source[segment.start : segment.end]
-        if not text.strip():
+        if not text.strip(" \t\f\r\v\n"):  # the grammar's whitespace only (not str.isspace)
             continue
         # Blank out what precedes the segment, keeping newlines: positions stay the file's.
         prefix = re.sub(r"[^\n]", " ", source[: segment.start])

@@ -340,19 +340,25 @@ def test_map_word_inside_an_expression():
     check(d, 2, 19, "`identity` cannot be used inside an expression")
 
 
-@pytest.mark.parametrize("power", ["9", "-9"])
-def test_integer_power_of_x_too_large(power):
-    d = only(block(f"    feature_map = x**{power}"))
-    check(d, 2, 19, f"integer powers of `x` are limited to exponents from -8 to 8, not {power}")
+@pytest.mark.parametrize("power", ["9", "-9", "(17/2)", "(10**14/3)"])
+def test_power_of_x_too_large(power):
+    d = only(block(f"    feature_map = (2*x)**{power}"))
+    check(
+        d,
+        2,
+        19,
+        f"powers of expressions in `x` are limited to exponents from -8 to 8, not {power.strip('()')}",
+    )
 
 
-def test_integer_power_too_large_after_simplification():
+def test_power_too_large_after_simplification():
     d = only(block("    feature_map = (x**5)**2"))
     check(
         d,
         2,
         19,
-        "`(x**5)**2` simplifies to `x**10`: integer powers of `x` are limited to exponents from -8 to 8",
+        "`(x**5)**2` simplifies to `x**10`: powers of expressions in `x` are limited to "
+        "exponents from -8 to 8",
     )
 
 
