@@ -527,7 +527,8 @@ class _Checker:
             return mpmath.fsum(-v.number if negated else v.number for v, negated in values)
 
         result = self.combine(node, build, [v for v, _ in values], evaluate)
-        if result is not None and result.constant and result.expr != 0:
+        all_numbers = all(v.number is not None for v, _ in values)
+        if result is not None and result.constant and result.expr != 0 and all_numbers:
             # A constant sum that cancels numerically, like (1 + sqrt(2))**2 - 3 - 2*sqrt(2),
             # may be an exact zero sympy did not see: expand to find out, so that dividing
             # by it or taking its log is refused rather than computed from rounding noise.

@@ -7,11 +7,10 @@ import importlib.util
 import os
 import sys
 import tempfile
-from pathlib import Path
-from types import ModuleType
-
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from pathlib import Path
+from types import ModuleType
 
 from attncc import __version__
 from attncc.compiler import compile_file
