@@ -85,9 +85,12 @@ def check_against_reference(
             err = rel_error(actual, expected, floor=1.0)
             bound = tol * 10
         else:
-            # Gradients that vanish in exact arithmetic are judged against a floor
-            # that grows with the dtype's rounding.
-            err = rel_error(actual, expected, floor=1e-2 if dtype == torch.float32 else 1e-1)
+            # Gradients that vanish in exact arithmetic (dq of a normalized spec at T = 1:
+            # o = v exactly) are judged against a floor that grows with the dtype's
+            # rounding; bf16-rounded numerators and normalizers of large features
+            # (exp maps) leave ~1e-2 absolute noise there.
+            floor = 1e-2 if dtype == torch.float32 else (1.0 if spec.normalize else 1e-1)
+            err = rel_error(actual, expected, floor=floor)
         assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.0e} for {spec} {shape}"
 
 
