@@ -836,6 +836,42 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     return o_t, new_state
 
 
+def gla_sp(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None,
+        output_final_state=False, group=None):
+    """Sequence parallel gla over torch.distributed (LASP-2 style).
+
+    Each rank of `group` holds one contiguous slice of the same sequences, in rank
+    order: q [B, T_rank, H, D], k and v likewise, gate_input [B, T_rank, ...].
+    Every rank computes its slice's own final state, one all-gather shares those
+    states (and the slices' total decays), each rank combines the decayed states
+    of the ranks before it into its initial state, then computes its outputs.
+    The backward mirrors this through the all-gather's own backward (one
+    collective). Returns (o [B, T_rank, H, E], final state of the whole sequences
+    or None); initial_state, if given, must be the same on every rank.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    _gla_check_arguments(unexpected, gate_input)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    extra = (gate_input,) if True else ()
+    _, own_state = gla(q, k, v, *extra, scale=scale, output_final_state=True)
+    states = dist_nn.all_gather(own_state, group)
+    g = _gla_gate_reference(gate_input.float())
+    own_total = g.sum(dim=1).repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # [B, H, D]
+    totals = dist_nn.all_gather(own_total, group)
+    # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
+    incoming = initial_state if initial_state is not None else torch.zeros_like(own_state)
+    for source in range(world):
+        if source == rank:
+            entering = incoming
+            if not output_final_state:
+                break
+        incoming = totals[source].exp()[..., None] * incoming + states[source]
+    o, _ = gla(q, k, v, *extra, scale=scale, initial_state=entering)
+    return o, incoming if output_final_state else None
+
+
 def _gla_q_map_reference(x):
     """identity in plain PyTorch."""
     return x

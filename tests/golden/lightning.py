@@ -715,6 +715,42 @@ def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
     return o_t, new_state
 
 
+def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=None,
+        output_final_state=False, group=None):
+    """Sequence parallel lightning over torch.distributed (LASP-2 style).
+
+    Each rank of `group` holds one contiguous slice of the same sequences, in rank
+    order: q [B, T_rank, H, D], k and v likewise, slope [H] on every rank.
+    Every rank computes its slice's own final state, one all-gather shares those
+    states (and the slices' total decays), each rank combines the decayed states
+    of the ranks before it into its initial state, then computes its outputs.
+    The backward mirrors this through the all-gather's own backward (one
+    collective). Returns (o [B, T_rank, H, E], final state of the whole sequences
+    or None); initial_state, if given, must be the same on every rank.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    _lightning_check_arguments(unexpected, slope)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    extra = (slope,) if True else ()
+    _, own_state = lightning(q, k, v, *extra, scale=scale, output_final_state=True)
+    states = dist_nn.all_gather(own_state, group)
+    B, T, H = q.shape[0], q.shape[1], q.shape[2]
+    own_total = (-slope.float() * T).expand(B, H).contiguous()
+    totals = dist_nn.all_gather(own_total, group)
+    # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
+    incoming = initial_state if initial_state is not None else torch.zeros_like(own_state)
+    for source in range(world):
+        if source == rank:
+            entering = incoming
+            if not output_final_state:
+                break
+        incoming = totals[source].exp()[..., None, None] * incoming + states[source]
+    o, _ = lightning(q, k, v, *extra, scale=scale, initial_state=entering)
+    return o, incoming if output_final_state else None
+
+
 def _lightning_q_map_reference(x):
     """identity in plain PyTorch."""
     return x
