@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import lark
 import mpmath
 import sympy
+from lark.exceptions import UnexpectedInput
 
 from attncc import expr as ex
 from attncc.errors import AttnccError, Diagnostic, nearest
@@ -43,7 +44,7 @@ from attncc.ir import (
     SpecFile,
     X,
 )
-from attncc.parse import node_span, parse_source, token_span
+from attncc.parse import node_span, parse_expression, parse_source, token_span
 
 # ---------------------------------------------------------------------------
 # The rules, as data
@@ -55,6 +56,7 @@ MAP_WORDS = ("identity", *ROW_MAPS)
 BOOLEANS = ("true", "false")
 CHUNKS = (16, 32, 64, 128, 256)
 MAX_POWER = 8  # |exponent| of powers of x-dependent bases
+MAX_ROOT = 100  # denominator of fractional exponents
 MAX_DEPTH = 100  # nesting of an expression
 MAX_BITS = 2048  # numerator/denominator size of any exact number
 MAX_DIGITS = 620  # digits of a number literal, and of its power of ten: just above MAX_BITS
@@ -385,7 +387,7 @@ class _Checker:
             raise _Refused
         context = _Context("scale", allow_x=False, functions=SCALE_FUNCTIONS, words=("auto",))
         result = self.expression(value, context)
-        if result.expr.is_zero or result.number <= 0:
+        if result.expr == 0 or result.number <= 0:  # no sympy assumptions: they can explode
             self.error(
                 f"`scale` must be positive, not `{self.text(value)}`",
                 value,
@@ -450,14 +452,14 @@ class _Checker:
             base, exponent = power.args
             if base.has(X) and exponent.has(X):
                 self.error(
-                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`, with `x` in both "
+                    f"`{self.text(value)}` simplifies to `{_short(ex.to_text(power))}`, with `x` in both "
                     "the base and the exponent",
                     value,
                 )
                 raise _Refused
             if base.has(X) and exponent.is_Number and abs(exponent) > MAX_POWER:
                 self.error(
-                    f"`{self.text(value)}` simplifies to `{ex.to_text(power)}`: powers of "
+                    f"`{self.text(value)}` simplifies to `{_short(ex.to_text(power))}`: powers of "
                     f"expressions in `x` are limited to exponents from -{MAX_POWER} to {MAX_POWER}",
                     value,
                 )
@@ -470,7 +472,7 @@ class _Checker:
         result = self.build(node, context, 0)
         if result is None or not self.representable(node, result.expr, result.number):
             raise _Refused
-        return result
+        return _Value(_settle(result.expr, context), result.number)
 
     def build(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
         """Build one node; returns None when it (or a child) was refused."""
@@ -659,6 +661,16 @@ class _Checker:
         )
 
     def build_pow(self, node: lark.Tree, base: _Value, exponent: _Value) -> _Value | None:
+        if exponent.expr.is_Rational and exponent.expr.q > MAX_ROOT:
+            # 3**(1/10**600) is an algebraic number of degree 10**600: sympy would try
+            # its minimal polynomial as soon as anything asks for its sign.
+            self.error(
+                f"fractional exponents need a denominator of at most {MAX_ROOT}, "
+                f"not `{self.text(node.children[1])}`",
+                node,
+                "e.g. `x**(1/3)` or `x**0.25`",
+            )
+            return None
         if exponent.expr.has(X):
             if base.expr.has(X):
                 self.error("`x` cannot appear in both the base and the exponent of `**`", node)
@@ -712,6 +724,14 @@ class _Checker:
         if number is not None and abs(number) > FLOAT_MAX:
             self.error(f"`{self.text(node)}` is too large for a float", node)
             return False
+        for power in expr.atoms(sympy.Pow):  # sympy makes powers too: exp(log(3)/1000)
+            if power.exp.is_Rational and power.exp.q > MAX_ROOT:
+                self.error(
+                    f"`{self.text(node)}` is the power `{_short(ex.to_text(power))}`: fractional "
+                    f"exponents need a denominator of at most {MAX_ROOT}",
+                    node,
+                )
+                return False
         return True
 
     def combine(
@@ -758,7 +778,7 @@ class _Checker:
             if not mpmath.isfinite(number) or abs(number) > FLOAT_MAX:
                 self.error(f"`{self.text(node)}` does not evaluate to a finite real number", node)
                 return None
-        if result.has(sympy.I) or (number is not None and result.is_real is False):
+        if result.has(sympy.I):  # complex constants were caught numerically above
             self.error(f"`{self.text(node)}` is not a real number", node)
             return None
         if not self.representable(node, result, None):
@@ -791,6 +811,30 @@ def _mp_eval(e: sympy.Expr):
     if isinstance(e, sympy.Function) and name in _MP_BY_SYMPY_NAME and len(e.args) == 1:
         return _MP_BY_SYMPY_NAME[name](_mp_eval(e.args[0]))
     raise ValueError(f"cannot evaluate {e}")
+
+
+def _settle(expr: sympy.Expr, context: _Context, rounds: int = 4) -> sympy.Expr:
+    """Print and re-read expr until the text reads back as the same tree.
+
+    sympy's automatic simplification is not idempotent everywhere (abs(abs(2*x))
+    becomes 2*abs(abs(x)), whose text reads back as 2*abs(x)); settling makes the
+    IR of a spec the tree its canonical text denotes, so canonical text round-trips.
+    """
+    for _ in range(rounds):
+        text = ex.to_text(expr)
+        try:
+            tree = parse_expression(text)
+        except UnexpectedInput:  # pragma: no cover - the printer speaks the language
+            return expr
+        again = _Checker(text, "<canonical>").build(tree, context, 0)
+        if again is None or again.expr == expr:
+            return expr
+        expr = again.expr
+    return expr
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_name(node: lark.Tree) -> bool:

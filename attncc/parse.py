@@ -38,6 +38,7 @@ def parser() -> lark.Lark:
             lexer="contextual",
             propagate_positions=True,
             maybe_placeholders=False,
+            start=["start", "expr"],  # "expr": a lone expression, to re-read canonical text
         )
     return _parser
 
@@ -214,6 +215,11 @@ def _syntax_diagnostic(
     return Diagnostic(message, span, hint)
 
 
+def parse_expression(text: str) -> lark.Tree:
+    """Parse a lone expression (raises lark's UnexpectedInput if it is not one)."""
+    return parser().parse(text, start="expr")
+
+
 def parse_source(
     source: str, filename: str = "<string>"
 ) -> tuple[list[lark.Tree], list[Diagnostic]]:
@@ -232,7 +238,7 @@ def parse_source(
         # Blank out what precedes the segment, keeping newlines: positions stay the file's.
         prefix = re.sub(r"[^\n]", " ", source[: segment.start])
         try:
-            tree = p.parse(prefix + text)
+            tree = p.parse(prefix + text, start="start")
         except UnexpectedInput as err:
             diagnostics.append(_syntax_diagnostic(err, segment, source, filename))
             continue

@@ -405,6 +405,28 @@ def test_number_literal_out_of_range():
     )
 
 
+def test_fractional_exponent_with_a_large_denominator():
+    d = only(block("    feature_map = (2*x)**0.001"))
+    check(
+        d,
+        2,
+        19,
+        "fractional exponents need a denominator of at most 100, not `0.001`",
+        "e.g. `x**(1/3)` or `x**0.25`",
+    )
+
+
+def test_fractional_power_made_by_sympy():
+    d = only(block("    scale = exp(log(3)/1000)"))
+    check(
+        d,
+        2,
+        13,
+        "`exp(log(3)/1000)` is the power `3**(1/1000)`: fractional exponents need a "
+        "denominator of at most 100",
+    )
+
+
 def test_power_too_large_to_compute():
     d = only(block("    scale = 2**(-10**12/3)"))
     check(d, 2, 13, "`2**(-10**12/3)` is too large a power to compute exactly")

@@ -86,8 +86,17 @@ def _extend(children):
 raw_expressions = st.recursive(st.one_of(st.just(X), constants), _extend, max_leaves=6)
 
 
+def _rebuild(e: sympy.Expr) -> sympy.Expr:
+    """e re-evaluated bottom-up: the same tree iff sympy left e fully simplified."""
+    if not e.args:
+        return e
+    return e.func(*(_rebuild(a) for a in e.args))
+
+
 def _valid_elementwise(e: sympy.Expr) -> bool:
     if not isinstance(e, sympy.Expr) or not e.has(X) or e == X:
+        return False
+    if _rebuild(e) != e:  # e.g. 2*abs(abs(x)) from abs(abs(2*x)): not in settled form
         return False
     if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan, sympy.I):
         return False

@@ -868,7 +868,10 @@ def gla_sp(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None
             if not output_final_state:
                 break
         incoming = totals[source].exp()[..., None] * incoming + states[source]
-    o, _ = gla(q, k, v, *extra, scale=scale, initial_state=entering)
+    # The all-gather's backward is itself a collective, so every rank's graph must reach
+    # every gathered tensor: states this rank does not need join it with weight zero.
+    anchor = sum(x.sum() for x in states) + sum(x.sum() for x in totals)
+    o, _ = gla(q, k, v, *extra, scale=scale, initial_state=entering + 0.0 * anchor)
     return o, incoming if output_final_state else None
 
 

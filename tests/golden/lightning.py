@@ -747,7 +747,10 @@ def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=Non
             if not output_final_state:
                 break
         incoming = totals[source].exp()[..., None, None] * incoming + states[source]
-    o, _ = lightning(q, k, v, *extra, scale=scale, initial_state=entering)
+    # The all-gather's backward is itself a collective, so every rank's graph must reach
+    # every gathered tensor: states this rank does not need join it with weight zero.
+    anchor = sum(x.sum() for x in states) + sum(x.sum() for x in totals)
+    o, _ = lightning(q, k, v, *extra, scale=scale, initial_state=entering + 0.0 * anchor)
     return o, incoming if output_final_state else None
 
 
