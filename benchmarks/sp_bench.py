@@ -27,12 +27,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--backend", default="nccl")
     args = parser.parse_args()
-    dist.init_process_group(args.backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     cuda = args.backend == "nccl"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        dist.init_process_group(args.backend, device_id=device)
+    else:
+        dist.init_process_group(args.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
     module = _import_source(compile_source(SOURCE, "sp_lightning.attn"), f"sp_bench_{rank}")
     H, D, T = args.heads, args.dim, args.T
