@@ -127,3 +127,16 @@ def test_extreme_gates_stay_finite(decay, gated):
             spec, (2, 45, 2, 1, 16, 16), seed, torch.float32, True, False, extreme=True, tol=1e-2,
             segment=(16, None, 16) if seed else (None, 32, 32),
         )
+
+
+@pytest.mark.parametrize("decay", list(Decay), ids=lambda d: d.value)
+def test_float16_inputs(decay):
+    """fp16 runs everywhere (the interpreter too); bf16 is covered on a GPU above."""
+    from attncc import expr as ex
+    from attncc.ir import AttentionSpec, X
+
+    spec = AttentionSpec(
+        name=f"half_{decay.value}", decay=decay, chunk=16,
+        gate=ex.logsigmoid(X) / 16 if decay is Decay.PER_CHANNEL else None,
+    )
+    check_against_reference(spec, (2, 37, 4, 2, 20, 24), 3, torch.float16, True, True, segment=(16, 16, 16))
