@@ -273,6 +273,7 @@ def _gla_fwd_kernel(
                     o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * v_s
                 tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                          (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+        # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
         g_sum += g
@@ -357,6 +358,7 @@ def _gla_bwd_dq_kernel(
             dx_q = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
             tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
                      dx_q.to(dq_ptr.dtype.element_ty), mask=mask_id)
+        # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
 

@@ -231,6 +231,7 @@ def _lightning_fwd_kernel(
             o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
             tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
+        # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
         g_sum += g
@@ -293,6 +294,7 @@ def _lightning_bwd_dq_kernel(
         dx_q = _lightning_q_map_backward(x_q, q, dq, mask_td)
         tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                  dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
+        # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
 
