@@ -474,8 +474,14 @@ class _Checker:
             raise _Refused
         return _Value(_settle(result.expr, context), result.number)
 
-    def build(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
-        """Build one node; returns None when it (or a child) was refused."""
+    def build(
+        self, node: lark.Tree, context: _Context, depth: int, factor: bool = False
+    ) -> _Value | None:
+        """Build one node; returns None when it (or a child) was refused.
+
+        A `factor` of a product may exceed the float range on its own (its product
+        is checked instead): the canonical text of 3**(-800) is 1/3**800.
+        """
         if depth > MAX_DEPTH:
             self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels)", node)
             return None
@@ -485,7 +491,7 @@ class _Checker:
         if kind == "name":
             return self.build_name(node, context)
         if kind == "call":
-            return self.build_call(node, context, depth)
+            return self.build_call(node, context, depth, bounded=not factor)
         if kind in ("add", "sub"):
             return self.build_sum(node, context, depth)
         if kind in ("mul", "div", "neg", "pos"):
@@ -495,7 +501,7 @@ class _Checker:
             exponent = self.build(node.children[1], context, depth + 1)
             if base is None or exponent is None:
                 return None
-            return self.build_pow(node, base, exponent)
+            return self.build_pow(node, base, exponent, bounded=not factor)
         raise AssertionError(f"unexpected expression node {kind}")  # pragma: no cover
 
     def operands(self, node: lark.Tree, ops: dict[str, bool]) -> list[tuple[lark.Tree, bool]]:
@@ -561,9 +567,19 @@ class _Checker:
                 pending.extend((n, inverted ^ flipped) for n, flipped in reversed(chain))
             else:
                 factors.append((current, inverted))
-        values = [(self.build(f, context, depth + 1), inverted) for f, inverted in factors]
+        values = [(self.build(f, context, depth + 1, factor=True), inv) for f, inv in factors]
         if any(value is None for value, _ in values):
             return None
+        if not all(v.constant for v, _ in values):  # the constant factors, together
+            try:
+                coefficient = mpmath.fprod(
+                    1 / v.number if inv else v.number for v, inv in values if v.constant
+                )
+            except ZeroDivisionError:
+                coefficient = mpmath.mpf(0)  # x/0: refused as undefined below
+            if abs(coefficient) > FLOAT_MAX:
+                self.error(f"`{self.text(node)}` has a constant factor too large for a float", node)
+                return None
 
         def build():
             if len(values) == 1 and not values[0][1]:
@@ -621,7 +637,9 @@ class _Checker:
         self.error(f"unknown name `{name}`", node, hint)
         return None
 
-    def build_call(self, node: lark.Tree, context: _Context, depth: int) -> _Value | None:
+    def build_call(
+        self, node: lark.Tree, context: _Context, depth: int, bounded: bool = True
+    ) -> _Value | None:
         name_tok = node.children[0]
         name = str(name_tok)
         args = node.children[1].children if len(node.children) > 1 else []
@@ -657,10 +675,16 @@ class _Checker:
             return None
         function = ex.FUNCTIONS[name]
         return self.combine(
-            node, lambda: function(arg.expr), [arg], lambda: _MP_FUNCTIONS[name](arg.number)
+            node,
+            lambda: function(arg.expr),
+            [arg],
+            lambda: _MP_FUNCTIONS[name](arg.number),
+            bounded,
         )
 
-    def build_pow(self, node: lark.Tree, base: _Value, exponent: _Value) -> _Value | None:
+    def build_pow(
+        self, node: lark.Tree, base: _Value, exponent: _Value, bounded: bool = True
+    ) -> _Value | None:
         if exponent.expr.is_Rational and exponent.expr.q > MAX_ROOT:
             # 3**(1/10**600) is an algebraic number of degree 10**600: sympy would try
             # its minimal polynomial as soon as anything asks for its sign.
@@ -709,19 +733,22 @@ class _Checker:
             lambda: base.expr**exponent.expr,
             [base, exponent],
             lambda: base.number**exponent.number,
+            bounded,
         )
 
-    def representable(self, node: lark.Tree, expr: sympy.Expr, number) -> bool:
+    def representable(
+        self, node: lark.Tree, expr: sympy.Expr, number, bounded: bool = True
+    ) -> bool:
         """Exact numbers small enough to print and re-read; values within the float range."""
         for atom in expr.atoms(sympy.Rational):
             if max(abs(atom.p).bit_length(), atom.q.bit_length()) > MAX_BITS:
                 self.error(f"`{self.text(node)}` needs too many digits", node)
                 return False
-            if abs(atom) > FLOAT_MAX:
+            if bounded and abs(atom) > FLOAT_MAX:
                 what = "is" if node.data == "number" else "contains a number"
                 self.error(f"`{self.text(node)}` {what} too large for a float", node)
                 return False
-        if number is not None and abs(number) > FLOAT_MAX:
+        if bounded and number is not None and abs(number) > FLOAT_MAX:
             self.error(f"`{self.text(node)}` is too large for a float", node)
             return False
         for power in expr.atoms(sympy.Pow):  # sympy makes powers too: exp(log(3)/1000)
@@ -740,6 +767,7 @@ class _Checker:
         build: Callable[[], sympy.Expr],
         children: list[_Value],
         evaluate: Callable[[], object],
+        bounded: bool = True,
     ) -> _Value | None:
         """Make one node: numeric checks first for constants, then sympy, then its checks."""
         number = None
@@ -759,7 +787,7 @@ class _Checker:
                     "check for a division by zero or a log of zero",
                 )
                 return None
-            if abs(number) > FLOAT_MAX:
+            if bounded and abs(number) > FLOAT_MAX:
                 self.error(f"`{self.text(node)}` is too large for a float", node)
                 return None
         result = build()
@@ -775,13 +803,13 @@ class _Checker:
                 number = mpmath.mpf(_mp_eval(result))
             except (ZeroDivisionError, TypeError, ValueError):
                 number = mpmath.nan
-            if not mpmath.isfinite(number) or abs(number) > FLOAT_MAX:
+            if not mpmath.isfinite(number) or (bounded and abs(number) > FLOAT_MAX):
                 self.error(f"`{self.text(node)}` does not evaluate to a finite real number", node)
                 return None
         if result.has(sympy.I):  # complex constants were caught numerically above
             self.error(f"`{self.text(node)}` is not a real number", node)
             return None
-        if not self.representable(node, result, None):
+        if not self.representable(node, result, None, bounded):
             return None
         return _Value(result, number)
 
