@@ -92,9 +92,24 @@ FUNCTIONS: dict[str, sympy.FunctionClass] = {
 }
 
 
+class sign(sympy.Function):
+    """sign(u) with sign(0) = 0: the derivative of abs."""
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class absolute(sympy.Function):
+    """abs(u) for real u. sympy's Abs differentiates into re/im/Piecewise forms when it
+    cannot prove its argument real (e.g. abs(relu(x) - 1)), so derivatives use this."""
+
+    def fdiff(self, argindex=1):
+        return sign(self.args[0])
+
+
 def derivative(expr: sympy.Expr) -> sympy.Expr:
     """d expr / dx, in the whitelist's vocabulary (plus `step`, `elu_grad`, `sign`)."""
-    return sympy.simplify(sympy.diff(expr, X)) if expr.has(sympy.Abs) else sympy.diff(expr, X)
+    return sympy.diff(expr.replace(sympy.Abs, absolute), X)
 
 
 class _CodePrinter(StrPrinter):
@@ -124,6 +139,9 @@ class _CodePrinter(StrPrinter):
         return self._call("tanh", expr)
 
     def _print_Abs(self, expr):
+        return self._call("abs", expr)
+
+    def _print_absolute(self, expr):
         return self._call("abs", expr)
 
     def _print_sign(self, expr):

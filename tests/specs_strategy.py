@@ -24,9 +24,10 @@ OTHER_MAPS = [
     ElementwiseMap(sympy.tanh(X) + X / 2),
     ElementwiseMap(X**3 / 4 - X),
     ElementwiseMap(sympy.Abs(X)),
+    ElementwiseMap(sympy.Abs(ex.relu(X) - 1) * X),  # abs of an argument sympy cannot prove real
     RowMap(RowMapKind.L2NORM),
 ]
-GATES = [None, ex.logsigmoid(X) / 16, -ex.softplus(X), ex.logsigmoid(X)]
+GATES = [None, ex.logsigmoid(X) / 16, -ex.softplus(X), ex.logsigmoid(X), -sympy.Abs(X) / 4]
 
 
 @st.composite

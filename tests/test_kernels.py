@@ -140,3 +140,16 @@ def test_float16_inputs(decay):
         gate=ex.logsigmoid(X) / 16 if decay is Decay.PER_CHANNEL else None,
     )
     check_against_reference(spec, (2, 37, 4, 2, 20, 24), 3, torch.float16, True, True, segment=(16, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "q_map, gate",
+    [("abs(relu(x) - 1) * x", "-abs(x) / 4"), ("abs(tanh(x) + silu(x))", "-abs(relu(x) - 1)")],
+)
+def test_abs_in_maps_and_gates(q_map, gate):
+    """abs of arguments sympy cannot prove real differentiates into sign, not re/im/Piecewise."""
+    from attncc.check import parse_spec
+
+    source = f"attention absmap {{\n    q_map = {q_map}\n    k_map = identity\n    decay = per_token\n    gate = {gate}\n    chunk = 16\n}}\n"
+    spec = parse_spec(source).specs[0]
+    check_against_reference(spec, (2, 33, 2, 1, 16, 16), 5, torch.float32, True, False)
