@@ -8,7 +8,6 @@ copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from attncc.compiler import compile_source
+from attncc.loader import import_path
 
 # The four decays, each as the spec whose math matches the fla op it is timed against.
 BENCH_SPECS = {
@@ -39,11 +39,7 @@ class Row:
 def _import_source(source: str, name: str):
     path = Path(tempfile.mkdtemp(prefix="attncc-bench-")) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_path(path, name)
 
 
 def _median_ms(fn) -> float:

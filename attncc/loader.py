@@ -44,6 +44,20 @@ def _triton_version() -> str:
         return "unknown"
 
 
+def import_path(path: str | os.PathLike, module_name: str) -> ModuleType:
+    """Import the Python file at `path` as `module_name` (registered in sys.modules,
+    as Triton's jit needs to find the kernels' source)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
 def load(spec_path: str | os.PathLike) -> ModuleType:
     """Compile `spec_path` (or reuse the cached module) and import it.
 
@@ -59,12 +73,4 @@ def load(spec_path: str | os.PathLike) -> ModuleType:
     path = cache_dir() / f"{module_name}.py"
     if not path.exists() or path.read_text() != source:
         _write_atomically(path, source)
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
+    return import_path(path, module_name)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from attncc.ir import AttentionSpec, Decay
+from attncc.loader import import_path
 from attncc.render import render_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,11 +26,7 @@ def module_for(spec: AttentionSpec):
     name = f"attncc_test_{spec.name}_{abs(hash(spec)):x}"
     path = _OUT / f"{name}.py"
     path.write_text(source)
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-    return module
+    return import_path(path, name)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-2) -> float:

@@ -3,8 +3,6 @@ forward and backward (fp32 kernels against the float64 reference)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from kernelkit import DEVICE, rel_error
 from attncc.check import load_spec_file
 from attncc.compiler import compile_file
 from attncc.ir import Decay
+from attncc.loader import import_path
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKS = [(path, spec) for path in sorted((REPO / "examples").glob("*.attn")) for spec in load_spec_file(path).specs]
@@ -23,10 +22,7 @@ BLOCKS = [(path, spec) for path in sorted((REPO / "examples").glob("*.attn")) fo
 def test_example_matches_its_reference(path, spec, tmp_path):
     out = tmp_path / f"example_{path.stem}.py"
     out.write_text(compile_file(path))
-    module_spec = importlib.util.spec_from_file_location(f"example_{path.stem}_{spec.name}", out)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
+    module = import_path(out, f"example_{path.stem}_{spec.name}")
     fn, reference = getattr(module, spec.name), getattr(module, f"{spec.name}_reference")
 
     gen = torch.Generator().manual_seed(11)

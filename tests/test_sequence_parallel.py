@@ -3,16 +3,15 @@ interpreter) equals one process running the whole sequence, forward and backward
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
-import sys
 
 import pytest
 import torch
 
 from attncc import expr as ex
 from attncc.ir import AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind, X
+from attncc.loader import import_path
 from attncc.render import render_module
 
 SPECS = {
@@ -24,14 +23,6 @@ SPECS = {
                                 k_map=ElementwiseMap(ex.elu(X) + 1), normalize=True, chunk=16),
 }
 B, T, H, H_KV, D, E = 1, 37, 2, 1, 16, 16
-
-
-def _import(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _inputs(kind: str):
@@ -67,7 +58,7 @@ def _worker(rank, world, init_file, module_path, kind, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         spec = SPECS[kind]
-        module = _import(module_path, f"sp_worker_{kind}")
+        module = import_path(module_path, f"sp_worker_{kind}")
         q, k, v, decay, initial, do, dstate = _inputs(kind)
         lo, hi = _bounds(world)[rank], _bounds(world)[rank + 1]
         local = [x[:, lo:hi].clone().requires_grad_() for x in (q, k, v)]
@@ -105,7 +96,7 @@ def test_sequence_parallel_equals_one_process(kind, world, tmp_path):
         assert w.exitcode == 0, f"worker exited with {w.exitcode}"
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
-    module = _import(str(path), f"sp_single_{kind}_{world}")
+    module = import_path(path, f"sp_single_{kind}_{world}")
     q, k, v, decay, initial, do, dstate = _inputs(kind)
     whole = [x.clone().requires_grad_() for x in (q, k, v)] + ([decay.clone().requires_grad_()] if decay is not None else [])
     init = initial.clone().requires_grad_()

@@ -623,7 +623,7 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     segment_cu, segment_starts = _split_segments(bounds, segment_len, q.device)
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_segments, H, D) if True else (num_segments, H), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
@@ -682,7 +682,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     dk = torch.empty(N, H, D, dtype=kv_grad_dtype, device=q.device)
     dv = torch.empty(N, H, E, dtype=kv_grad_dtype, device=q.device)
     dinitial_state = torch.empty_like(initial_state) if initial_state is not None else None
-    db_shape = (N, H, D) if True else (N, H)
+    db_shape = (N, H, D)
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), config["bwd_chunk"])
@@ -856,7 +856,7 @@ def gla_sp(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None
 
     _gla_check_arguments(unexpected, gate_input)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    extra = (gate_input,) if True else ()
+    extra = (gate_input,)
     _, own_state = gla(q, k, v, *extra, scale=scale, output_final_state=True)
     states = dist_nn.all_gather(own_state, group)
     g = _gla_gate_reference(gate_input.float())

@@ -506,7 +506,7 @@ def _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len
     segment_cu, segment_starts = _split_segments(bounds, segment_len, q.device)
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_segments, H, D) if False else (num_segments, H), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
     _lightning_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
@@ -565,7 +565,7 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
     dk = torch.empty(N, H, D, dtype=kv_grad_dtype, device=q.device)
     dv = torch.empty(N, H, E, dtype=kv_grad_dtype, device=q.device)
     dinitial_state = torch.empty_like(initial_state) if initial_state is not None else None
-    db_shape = (N, H, D) if False else (N, H)
+    db_shape = (N, H)
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _lightning_launch_args(q, k, v, config, _block(E), config["bwd_chunk"])
@@ -735,7 +735,7 @@ def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=Non
 
     _lightning_check_arguments(unexpected, slope)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    extra = (slope,) if True else ()
+    extra = (slope,)
     _, own_state = lightning(q, k, v, *extra, scale=scale, output_final_state=True)
     states = dist_nn.all_gather(own_state, group)
     B, T, H = q.shape[0], q.shape[1], q.shape[2]
