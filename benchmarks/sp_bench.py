@@ -4,7 +4,8 @@
     (CPU smoke test: torchrun --nproc-per-node 2 benchmarks/sp_bench.py --backend gloo --T 64 --heads 2 --dim 16)
 
 Every rank holds T / world tokens; rank 0 also times the whole sequence on its
-own GPU. Reports medians of triton.testing.do_bench (forward, forward+backward)
+own GPU. Reports medians (forward, forward+backward): do_bench on one GPU, a fixed
+number of CUDA-event-timed runs on every rank for the split sequence,
 and the bytes each rank sends in the all-gather of states.
 """
 
@@ -56,8 +57,26 @@ def main() -> None:
     if cuda:
         import triton.testing
 
-        def timed(fn):
-            dist.barrier()
+        cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+
+        def timed(fn, reps=50):
+            """Median of a fixed number of runs, each with a cold L2, like do_bench.
+
+            do_bench picks its repeat count from a first estimate, which can differ
+            between ranks and leave one rank waiting in a collective forever."""
+            for _ in range(5):
+                fn()
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            for start, end in zip(starts, ends, strict=True):
+                cache.zero_()
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            return sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))[reps // 2]
+
+        def timed_alone(fn):
             return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     else:
         import time
@@ -68,28 +87,43 @@ def main() -> None:
             fn()
             return (time.perf_counter() - start) * 1e3
 
+        timed_alone = timed
+
+    def say(message):
+        if rank == 0:
+            print(message, flush=True)
+
+    say(f"# {world} ranks up; compiling and timing the split sequence")
+    # Every rank runs the same timed loop, so the collectives inside pair up.
+    dist.barrier()
     with torch.no_grad():
         fwd = timed(sp_forward)
+    dist.barrier()
     fwd_bwd = timed(sp_step)
+    dist.barrier()
+    say(f"# split: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms; timing the whole sequence on rank 0")
     state_bytes = H * D * D * 4
     if rank == 0:
         whole = [x.detach().requires_grad_() for x in (q, k, v)]
         full_grad = torch.randn(1, T, H, D, device=device, dtype=dtype)
         with torch.no_grad():
-            one_fwd = timed(lambda: module.sp_lightning(*whole, slope)[0])
+            one_fwd = timed_alone(lambda: module.sp_lightning(*whole, slope)[0])
 
         def one_step():
             o = module.sp_lightning(*whole, slope)[0]
             torch.autograd.grad(o, whole, full_grad)
 
-        one_fb = timed(one_step)
+        one_fb = timed_alone(one_step)
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         print(f"# {world} x {name}, T = {T}, H = {H}, D = E = {D}, {dtype}")
         print("| setup | fwd ms | fwd+bwd ms |\n|---|---|---|")
         print(f"| 1 device, whole sequence | {one_fwd:.3f} | {one_fb:.3f} |")
         print(f"| {world} devices, T/{world} each (attncc _sp) | {fwd:.3f} | {fwd_bwd:.3f} |")
         print(f"all-gather per rank: sends its [1, H, D, E] float32 state = {state_bytes / 1e6:.2f} MB "
-              f"(+ {H * 4} B of decay totals); receives {(world - 1) * state_bytes / 1e6:.2f} MB")
+              f"(+ {H * 4} B of decay totals); receives {(world - 1) * state_bytes / 1e6:.2f} MB; "
+              f"the backward's reduce-scatter moves the same again")
+    # The other ranks wait here (no collectives run while rank 0 times alone).
+    dist.barrier()
     dist.destroy_process_group()
 
 
