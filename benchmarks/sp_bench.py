@@ -93,7 +93,15 @@ def main() -> None:
         if rank == 0:
             print(message, flush=True)
 
-    say(f"# {world} ranks up; compiling and timing the split sequence")
+    say(f"# {world} ranks up; compiling, checking and timing the split sequence")
+    with torch.no_grad():  # the split result must equal this rank's slice of the whole
+        mine = sp_forward().float()
+        whole_slice = module.sp_lightning(q, k, v, slope)[0][:, lo:hi].float()
+        error = torch.tensor([((mine - whole_slice).norm() / whole_slice.norm()).item()], device=device)
+    dist.all_reduce(error, op=dist.ReduceOp.MAX)
+    say(f"# split vs whole: max relative difference over ranks {error.item():.1e}")
+    if not error.item() < 1e-2:
+        raise SystemExit(f"split and whole sequence disagree: {error.item():.2e}")
     # Every rank runs the same timed loop, so the collectives inside pair up.
     dist.barrier()
     with torch.no_grad():
