@@ -129,6 +129,23 @@ def test_extreme_gates_stay_finite(decay, gated):
         )
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["g", "gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_channel_fast_and_exact_chunks_in_one_sequence(gated, dtype):
+    """Chunks that decay gently take the one-block fast path, a chunk that decays by
+    more than e^-40 in some channel the sub-block path; one sequence holds both."""
+    from attncc import expr as ex
+    from attncc.ir import AttentionSpec, X
+
+    spec = AttentionSpec(
+        name=f"mixed_channel_{gated}", decay=Decay.PER_CHANNEL, chunk=16, gate=ex.logsigmoid(X) if gated else None
+    )
+    tol = None if dtype == torch.float32 else 2e-2
+    for segment in [(None, None, 16), (16, 32, 16)]:
+        check_against_reference(spec, (2, 53, 2, 1, 16, 20), 7, dtype, True, False, extreme="mixed",
+                                tol=tol, segment=segment)
+
+
 @pytest.mark.parametrize("decay", list(Decay), ids=lambda d: d.value)
 def test_float16_inputs(decay):
     """fp16 runs everywhere (the interpreter too); bf16 is covered on a GPU above."""

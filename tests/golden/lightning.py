@@ -494,7 +494,8 @@ def _lightning_launch_args(q, k, v, config, block_e, chunk):
     H, D = q.shape[1], q.shape[2]
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=chunk, BLOCK_D=_block(D), BLOCK_E=block_e,
-        PRECISION=_precision(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],    )
+        PRECISION=_precision(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
 
 
 def _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config):
