@@ -1,0 +1,66 @@
+"""Where the time of one forward+backward goes, kernel by kernel (GPU only).
+
+    python benchmarks/kernel_breakdown.py --shape 2,4096 --decays none,per_channel
+
+Runs a few warm-up steps, then profiles five steps with torch.profiler and
+prints each CUDA kernel's mean time per step, largest first. Used to decide
+which kernel to work on; the timings to quote come from bench.py.
+"""
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from attncc.bench import BENCH_SPECS, _import_source, _inputs
+from attncc.compiler import compile_source
+
+STEPS = 5
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="2,4096", help="B,T")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    args = parser.parse_args()
+    B, T = (int(x) for x in args.shape.split(","))
+    for decay in args.decays.split(","):
+        source = BENCH_SPECS[decay][0]
+        module = _import_source(compile_source(source, f"breakdown_{decay}.attn"), f"breakdown_{decay}")
+        fn = getattr(module, source.split()[1])
+        q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        if extra is not None and decay != "per_head":
+            leaves.append(extra.requires_grad_())
+        extra_args = [extra] if decay == "per_head" else []
+        grad_out = torch.randn_like(q)
+
+        def step(fn=fn, leaves=leaves, extra_args=extra_args, grad_out=grad_out):
+            o = fn(*leaves, *extra_args)[0]
+            torch.autograd.grad(o, leaves, grad_out)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(STEPS):
+                step()
+            torch.cuda.synchronize()
+        rows = [
+            (event.device_time_total / STEPS, event.count // STEPS, event.key)
+            for event in prof.key_averages()
+            if event.device_time_total > 0
+        ]
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"\n{decay} (B, T) = ({B}, {T}): {total / 1e3:.3f} ms of kernels per forward+backward", flush=True)
+        for us, count, name in rows[:12]:
+            print(f"  {us / 1e3:7.3f} ms  x{count:<3d} {name[:90]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
