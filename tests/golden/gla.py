@@ -274,9 +274,9 @@ def _gla_fwd_kernel(
                     o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
                     if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
                         k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                        scores = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
+                        scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
                                         tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                        o_i += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+                        o_i += tl.dot(scores_before.to(dot_dtype), v, input_precision=PRECISION)
                     for s in range(0, SUB):  # the sub-block itself, one key row at a time
                         row_s = start + i * SUB + s
                         mask_s = mask_d[None, :] & (row_s < seq_len)
@@ -376,8 +376,8 @@ def _gla_bwd_dq_kernel(
                 dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
                 if i > 0:
                     k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                    dscores = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                    dq_i += tl.dot(dscores.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
+                    dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
+                    dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
                 for s in range(0, SUB):
                     row_s = start + i * SUB + s
                     mask_s = mask_d[None, :] & (row_s < seq_len)
@@ -391,9 +391,9 @@ def _gla_bwd_dq_kernel(
                 dq_i *= scale
                 if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
                     tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
-                dx_q = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
+                dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
                 tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                         dx_q.to(dq_ptr.dtype.element_ty), mask=mask_id)
+                         dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
@@ -494,10 +494,10 @@ def _gla_bwd_dkv_kernel(
                         b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
                         q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
                         k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                        scores_t = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
-                        dv_j += tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
-                        dscores_t = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                        dk_j += tl.dot(dscores_t.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
+                        scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
+                        dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
+                        dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
+                        dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
                     for t in range(0, SUB):  # the sub-block itself, one query row at a time
                         row_t = start + j * SUB + t
                         mask_q = mask_d[None, :] & (row_t < seq_len)
@@ -510,14 +510,14 @@ def _gla_bwd_dkv_kernel(
                         dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
                         dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
                     # Later chunks see these keys and values through the state.
-                    to_end = tl.exp(b_last[None, :] - b_i)
-                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end
-                    dv_j = dv_j * scale + tl.dot((k_j * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                    to_end_j = tl.exp(b_last[None, :] - b_i)
+                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
+                    dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
                     if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                         tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
-                    dx_k = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
+                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
                     tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                             dx_k.to(dk_ptr.dtype.element_ty), mask=mask_id)
+                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
                     tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                              dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
         # dL/dS at the end of the previous chunk.
