@@ -30,6 +30,8 @@ DEFAULT_CHUNK = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 64}
 DEFAULT_BWD_CHUNK = {"none": 16, "per_head": 16, "per_token": 16, "per_channel": 64}
 DEFAULT_BLOCK_E = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 128}
 DEFAULT_WARPS = {"none": 4, "per_head": 4, "per_token": 4, "per_channel": 8}
+# The backward kernels hold a whole D x E fp32 state: with 4 warps they spill (ptx_report.py).
+DEFAULT_BWD_WARPS = {"none": 8, "per_head": 8, "per_token": 8, "per_channel": 8}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class KernelPlan:
     bwd_chunk: int  # the backward kernels' chunk (they need not match the forward's)
     block_e: int  # widest value block one forward program takes
     num_warps: int
+    bwd_num_warps: int
     decay_input: str | None  # the call-time argument carrying the decay: slope, g, gate_input
 
     @property
@@ -127,6 +130,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         bwd_chunk=DEFAULT_BWD_CHUNK[spec.decay.value],
         block_e=DEFAULT_BLOCK_E[spec.decay.value],
         num_warps=DEFAULT_WARPS[spec.decay.value],
+        bwd_num_warps=DEFAULT_BWD_WARPS[spec.decay.value],
         scale=None if spec.scale is None else float(sympy.N(spec.scale, 17)),
         normalize=spec.normalize,
         q_map=q_map,

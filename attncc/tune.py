@@ -24,6 +24,7 @@ SEARCH_SPACE = {
     "bwd_chunk": [16, 32, 64],
     "block_e": [32, 64, 128],
     "num_warps": [4, 8],
+    "bwd_num_warps": [4, 8],
     "num_stages": [1, 2, 3],
     "segment": [None, 256, 512, 1024, 2048],
     "bwd_segment": [None, 256, 512, 1024],
@@ -74,7 +75,7 @@ def sweep(
     B, T, H, D = shape[:4]
     E = shape[4] if len(shape) > 4 else D
     inputs = _inputs(spec, B, T, H, D, E, dtype)
-    best = {"chunk": spec.chunk or 64, "bwd_chunk": 16, "block_e": 64, "num_warps": 4, "num_stages": 2, "segment": None,
+    best = {"chunk": spec.chunk or 64, "bwd_chunk": 16, "block_e": 64, "num_warps": 4, "bwd_num_warps": 8, "num_stages": 2, "segment": None,
             "bwd_segment": None}
     if spec.chunk is not None:
         space = {key: values for key, values in SEARCH_SPACE.items() if key != "chunk"}

@@ -628,7 +628,8 @@ def _gla_config(D, E):
     """Launch parameters: tuned ones where `attncc tune` stored them, else defaults."""
     config = {
         "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 128),
-        "num_warps": 8, "num_stages": 2, "segment": None, "bwd_segment": None,
+        "num_warps": 8, "bwd_num_warps": 8, "num_stages": 2, "segment": None,
+        "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("gla", D, E), {}))
     return config
@@ -670,11 +671,12 @@ def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
     return B, T, H, H_kv, D, E, starts, bounds
 
 
-def _gla_launch_args(q, k, v, config, block_e, chunk):
+def _gla_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
-        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=chunk, BLOCK_D=_block(D), BLOCK_E=block_e,
-        PRECISION=_precision(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
+        BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
+        num_stages=config["num_stages"],
         SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16,
     )
 
@@ -692,7 +694,7 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
-        **_gla_launch_args(q, k, v, config, config["block_e"], config["chunk"]),
+        **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _gla_segment_scan_kernel[(triton.cdiv(E, config["block_e"]), (len(bounds) - 1) * H)](
@@ -717,7 +719,7 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
-    launch = _gla_launch_args(q, k, v, config, config["block_e"], config["chunk"])
+    launch = _gla_launch_args(q, k, v, config, config["block_e"])
     if segment_len is None:
         _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
             q, k, v, o, decay, None, initial_state, final_state, cu_seqlens, scale,
@@ -750,7 +752,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     db_shape = (N, H, D)
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
-    launch = _gla_launch_args(q, k, v, config, _block(E), config["bwd_chunk"])
+    launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
     if segments is None:
         # The backward kernels run one program per (segment, head): cut long sequences
         # here too when the forward pass did not need to.
