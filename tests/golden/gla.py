@@ -529,26 +529,35 @@ def _gla_bwd_dkv_kernel(
 
 @triton.jit
 def _gla_decay_grad_kernel(
-    db_ptr, x_ptr, dx_ptr, db_final_ptr, cu_seqlens,
-    HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    db_q_ptr, db_k_ptr, x_ptr, dx_ptr, final_term_ptr, cu_seqlens,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_FINAL_TERM: tl.constexpr,
 ):
-    """dL/dg_t = sum over u >= t of (q ⊙ dq - k ⊙ dk)_u (+ the final state's share),
-    then through the gate transform. One program per (sequence, key/value head)."""
+    """dL/dg_t = sum over u >= t of db_u, db = q ⊙ dq - k ⊙ dk summed over the query heads
+    that share this key/value head (+ the final state's share), then through the gate
+    transform. One program per (sequence, key/value head, block of key channels)."""
     i_n = tl.program_id(0) // HKV
     i_hk = tl.program_id(0) % HKV
+    GROUP: tl.constexpr = H // HKV
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    acc = tl.load(db_final_ptr + (i_n * HKV + i_hk) * D + offs_d, mask=mask_d, other=0.0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_FINAL_TERM:
+        for j in tl.static_range(GROUP):
+            acc += tl.load(final_term_ptr + (i_n * H + i_hk * GROUP + j) * D + offs_d, mask=mask_d, other=0.0)
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         rows = (num_chunks - 1 - i) * BLOCK_T + offs_t
         mask_t = rows < seq_len
         offs = ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :]
         mask = mask_t[:, None] & mask_d[None, :]
-        db = tl.load(db_ptr + offs, mask=mask, other=0.0)
+        db = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(GROUP):
+            offs_head = ((bos + rows[:, None]) * H + i_hk * GROUP + j) * D + offs_d[None, :]
+            db += tl.load(db_q_ptr + offs_head, mask=mask, other=0.0) - tl.load(db_k_ptr + offs_head, mask=mask, other=0.0)
         dg = tl.cumsum(db, axis=0, reverse=True) + acc[None, :]
         acc += tl.sum(db, axis=0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -796,17 +805,14 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     if needs_decay_grad:
         # dL/d(cumulative log decay) at each position: q ⊙ dq - k ⊙ dk, plus, at each
         # sequence end, <dS_T, S_T> from the returned final state.
-        db = db_q - db_k
-        final_term = torch.zeros((num_seqs, H, D) if db.dim() == 3 else (num_seqs, H), device=q.device)
+        final_term = None
         if dfinal_state is not None:
             final_term = (dfinal_state * final_state).sum(-1)
-            final_term = final_term if db.dim() == 3 else final_term.sum(-1)
-        db = db.view(N, H_kv, group, *db.shape[2:]).sum(2).contiguous()
-        final_term = final_term.view(num_seqs, H_kv, group, *final_term.shape[2:]).sum(2).contiguous()
         ddecay = torch.empty_like(decay)
-        _gla_decay_grad_kernel[(num_seqs * H_kv,)](
-            db, decay, ddecay, final_term, cu_seqlens,
-            HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=_block(D),
+        block_d = min(32, _block(D))
+        _gla_decay_grad_kernel[(num_seqs * H_kv, triton.cdiv(D, block_d))](
+            db_q, db_k, decay, ddecay, final_term, cu_seqlens,
+            H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
         )
     return dq, dk, dv, ddecay, dinitial_state
 

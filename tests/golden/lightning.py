@@ -615,16 +615,17 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
     if needs_decay_grad:
         # dL/d(cumulative log decay) at each position: q ⊙ dq - k ⊙ dk, plus, at each
         # sequence end, <dS_T, S_T> from the returned final state.
-        db = db_q - db_k
-        final_term = torch.zeros((num_seqs, H, D) if db.dim() == 3 else (num_seqs, H), device=q.device)
+        final_term = None
         if dfinal_state is not None:
-            final_term = (dfinal_state * final_state).sum(-1)
-            final_term = final_term if db.dim() == 3 else final_term.sum(-1)
+            final_term = (dfinal_state * final_state).sum(-1).sum(-1)
         # g_t = -slope_h at every position, so dL/dslope_h = -sum_t sum_{u >= t} db_u
         #                                             = -sum_u (position of u + 1) * db_u.
+        db = db_q - db_k
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        position = torch.arange(N, device=q.device) - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-        ddecay = -((position + 1).to(db.dtype)[:, None] * db).sum(0) - (lengths[:, None] * final_term).sum(0)
+        first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=N)  # no host sync
+        ddecay = -((torch.arange(N, device=q.device) - first + 1).to(db.dtype)[:, None] * db).sum(0)
+        if final_term is not None:
+            ddecay -= (lengths[:, None] * final_term).sum(0)
     return dq, dk, dv, ddecay, dinitial_state
 
 
