@@ -9,6 +9,7 @@ which kernel to work on; the timings to quote come from bench.py.
 
 import argparse
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -45,6 +46,13 @@ def main() -> int:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        # Host time to issue one step: when it exceeds the kernels' time, the GPU waits on Python.
+        started = time.perf_counter()
+        for _ in range(20):
+            step()
+        host_ms = (time.perf_counter() - started) / 20 * 1e3
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) / 20 * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(STEPS):
                 step()
@@ -56,7 +64,8 @@ def main() -> int:
         ]
         rows.sort(reverse=True)
         total = sum(r[0] for r in rows)
-        print(f"\n{decay} (B, T) = ({B}, {T}): {total / 1e3:.3f} ms of kernels per forward+backward", flush=True)
+        print(f"\n{decay} (B, T) = ({B}, {T}): {total / 1e3:.3f} ms of kernels per forward+backward; "
+              f"host issues a step in {host_ms:.3f} ms, {wall_ms:.3f} ms per step end to end", flush=True)
         for us, count, name in rows[:12]:
             print(f"  {us / 1e3:7.3f} ms  x{count:<3d} {name[:90]}", flush=True)
     return 0
