@@ -42,9 +42,16 @@ def _import_source(source: str, name: str):
     return import_path(path, name)
 
 
+# With CUDA graphs every timed call replays a captured graph, so Python and kernel
+# launch overhead drop out and what remains is the GPU's own time (see BENCHMARKS.md).
+USE_CUDA_GRAPHS = False
+
+
 def _median_ms(fn) -> float:
     import triton.testing
 
+    if USE_CUDA_GRAPHS:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
@@ -106,7 +113,9 @@ def _fla_op(decay):
 def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPECS), against=("fla", "sdpa")):
     device = "cuda"
     bandwidth = copy_bandwidth(device)
-    print(f"# device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    mode = "CUDA graph replays" if USE_CUDA_GRAPHS else "eager calls"
+    print(f"# device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; timing {mode}",
+          flush=True)
     rows: list[Row] = []
     for B, T in shapes:
         shape = f"({B}, {T})"
@@ -209,7 +218,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--decays", default=",".join(BENCH_SPECS))
     parser.add_argument("--against", default="fla,sdpa")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time replays of captured CUDA graphs (no host overhead), for every op alike")
     args = parser.parse_args(argv)
+    global USE_CUDA_GRAPHS
+    USE_CUDA_GRAPHS = args.cuda_graphs
     if not torch.cuda.is_available():
         print("attncc bench: no CUDA GPU here; timings need one.", file=sys.stderr)
         return 2

@@ -810,7 +810,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
             final_term = (dfinal_state * final_state).sum(-1)
         ddecay = torch.empty_like(decay)
         block_d = min(32, _block(D))
-        _gla_decay_grad_kernel[(num_seqs * H_kv, triton.cdiv(D, block_d))](
+        grid = (num_seqs * H_kv, triton.cdiv(D, block_d))
+        _gla_decay_grad_kernel[grid](
             db_q, db_k, decay, ddecay, final_term, cu_seqlens,
             H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
         )
