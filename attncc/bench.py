@@ -34,6 +34,8 @@ class Row:
     fwd_ms: float | None
     fwdbwd_ms: float | None
     note: str = ""
+    graph_fwd_ms: float | str | None = None  # the same, replaying CUDA graphs (--cuda-graphs)
+    graph_fwdbwd_ms: float | str | None = None
 
 
 def _import_source(source: str, name: str):
@@ -42,32 +44,39 @@ def _import_source(source: str, name: str):
     return import_path(path, name)
 
 
-# With CUDA graphs every timed call replays a captured graph, so Python and kernel
-# launch overhead drop out and what remains is the GPU's own time (see BENCHMARKS.md).
+# Also time replays of captured CUDA graphs: Python and kernel-launch overhead drop
+# out and what remains is the GPU's own time (see BENCHMARKS.md).
 USE_CUDA_GRAPHS = False
 
 
-def _median_ms(fn) -> float:
+def _median_ms(fn, graph=False) -> float:
     import triton.testing
 
-    if USE_CUDA_GRAPHS:
+    if graph:
         return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def _time(forward, inputs, grad_out):
-    """(forward ms, forward+backward ms) for forward(*inputs) -> o."""
-    with torch.no_grad():
-        fwd = _median_ms(lambda: forward(*inputs))
+    """[forward ms, forward+backward ms] for forward(*inputs) -> o, eagerly, then (with
+    USE_CUDA_GRAPHS) the same two as graph replays; a failure becomes its message."""
 
     def step():
         o = forward(*inputs)
         torch.autograd.grad(o, [x for x in inputs if x.requires_grad], grad_out)
 
-    try:
-        return fwd, _median_ms(step)
-    except Exception as error:  # a peer without a backward for this case
-        return fwd, f"backward failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    def no_grad_forward():
+        with torch.no_grad():
+            forward(*inputs)
+
+    times = []
+    for graph in [False, True] if USE_CUDA_GRAPHS else [False]:
+        for fn in (no_grad_forward, step):
+            try:
+                times.append(_median_ms(fn, graph))
+            except Exception as error:  # e.g. a peer without a backward for this case
+                times.append(f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}")
+    return times
 
 
 def copy_bandwidth(device: str = "cuda") -> float:
@@ -113,9 +122,7 @@ def _fla_op(decay):
 def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPECS), against=("fla", "sdpa")):
     device = "cuda"
     bandwidth = copy_bandwidth(device)
-    mode = "CUDA graph replays" if USE_CUDA_GRAPHS else "eager calls"
-    print(f"# device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; timing {mode}",
-          flush=True)
+    print(f"# device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows: list[Row] = []
     for B, T in shapes:
         shape = f"({B}, {T})"
@@ -139,8 +146,7 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
                 ours = lambda *a: fn(*a, scale=scale)[0]  # noqa: E731
                 ours_args = args
             grad_out = torch.randn(B, T, heads, dim, device=device, dtype=dtype)
-            our_fwd, our_fb = _time(ours, ours_args, grad_out)
-            rows.append(Row(shape, f"attncc, {decay}", our_fwd, our_fb))
+            rows.append(Row(shape, f"attncc, {decay}", *_pair(_time(ours, ours_args, grad_out))))
             print(_format([rows[-1]]), flush=True)
             if "fla" in against:
                 try:
@@ -155,18 +161,24 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
                 if not err < 2e-2:
                     raise AssertionError(f"attncc and fla disagree on {decay}: {err:.2e}")
                 if decay == "per_head":
-                    fla_fwd, fla_fb = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
+                    times = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
                 else:
-                    fla_fwd, fla_fb = _time(lambda *a: fla(*a, scale), args, grad_out)
-                rows.append(Row(shape, f"fla {fla_name}, {decay}", fla_fwd, fla_fb, f"attncc vs fla output: rel. diff {err:.1e}"))
+                    times = _time(lambda *a: fla(*a, scale), args, grad_out)
+                rows.append(Row(shape, f"fla {fla_name}, {decay}", *_pair(times, f"attncc vs fla output: rel. diff {err:.1e}")))
                 print(_format([rows[-1]]), flush=True)
         if "sdpa" in against:
             qs, ks, vs = (torch.randn(B, heads, T, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-            fwd, fb = _time(sdpa, [qs, ks, vs], torch.randn(B, heads, T, dim, device=device, dtype=dtype))
-            rows.append(Row(shape, "FlashAttention via SDPA, causal", fwd, fb))
+            times = _time(sdpa, [qs, ks, vs], torch.randn(B, heads, T, dim, device=device, dtype=dtype))
+            rows.append(Row(shape, "FlashAttention via SDPA, causal", *_pair(times)))
             print(_format([rows[-1]]), flush=True)
     return rows
+
+
+def _pair(times, note=""):
+    """Row fields from _time's list: eager (fwd, fwd+bwd), note, graph (fwd, fwd+bwd)."""
+    graph = times[2:] or [None, None]
+    return times[0], times[1], note, graph[0], graph[1]
 
 
 def _cell(x):
@@ -176,17 +188,26 @@ def _cell(x):
 def _format(rows: list[Row]) -> str:
     lines = []
     for r in rows:
-        lines.append(f"| {r.shape} | {r.op} | {_cell(r.fwd_ms)} | {_cell(r.fwdbwd_ms)} | {r.note} |")
+        graph = f" {_cell(r.graph_fwd_ms)} | {_cell(r.graph_fwdbwd_ms)} |" if USE_CUDA_GRAPHS else ""
+        lines.append(f"| {r.shape} | {r.op} | {_cell(r.fwd_ms)} | {_cell(r.fwdbwd_ms)} |{graph} {r.note} |")
     return "\n".join(lines)
 
 
 def ratio_table(rows: list[Row]) -> str:
-    """attncc's speedup over the matching fla op and SDPA, per shape and decay."""
-    out = ["| shape | decay | fwd speedup vs fla | fwd+bwd speedup vs fla | fwd / floor | fwd+bwd vs SDPA |",
-           "|---|---|---|---|---|---|"]
+    """attncc's speedup over the matching fla op and SDPA, per shape and decay (eager
+    calls; with --cuda-graphs, graph replays too)."""
+    modes = [("", "fwd_ms", "fwdbwd_ms")] + ([(" (graphs)", "graph_fwd_ms", "graph_fwdbwd_ms")] if USE_CUDA_GRAPHS else [])
+    header = "| shape | decay | fwd / floor |"
+    for label, _, _ in modes:
+        header += f" fwd vs fla{label} | fwd+bwd vs fla{label} | fwd+bwd vs SDPA{label} |"
+    out = [header, "|" + "---|" * (header.count("|") - 1)]
     by_shape: dict[str, dict[str, Row]] = {}
     for r in rows:
         by_shape.setdefault(r.shape, {})[r.op] = r
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "—"
+
     for shape, ops in by_shape.items():
         floor = ops.get("memory floor (q, k, v, o once)")
         sdpa = ops.get("FlashAttention via SDPA, causal")
@@ -195,16 +216,14 @@ def ratio_table(rows: list[Row]) -> str:
             if ours is None:
                 continue
             fla = next((r for op, r in ops.items() if op.startswith("fla") and op.endswith(f", {decay}")), None)
-
-            def ratio(a, b):
-                return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "—"
-
-            out.append(
-                f"| {shape} | {decay} | {ratio(fla.fwd_ms, ours.fwd_ms) if fla else '—'} "
-                f"| {ratio(fla.fwdbwd_ms, ours.fwdbwd_ms) if fla else '—'} "
-                f"| {ratio(ours.fwd_ms, floor.fwd_ms) if floor else '—'} "
-                f"| {ratio(sdpa.fwdbwd_ms, ours.fwdbwd_ms) if sdpa else '—'} |"
-            )
+            line = f"| {shape} | {decay} | {ratio(ours.fwd_ms, floor.fwd_ms) if floor else '—'} |"
+            for _, fwd, fwdbwd in modes:
+                line += (
+                    f" {ratio(getattr(fla, fwd), getattr(ours, fwd)) if fla else '—'} |"
+                    f" {ratio(getattr(fla, fwdbwd), getattr(ours, fwdbwd)) if fla else '—'} |"
+                    f" {ratio(getattr(sdpa, fwdbwd), getattr(ours, fwdbwd)) if sdpa else '—'} |"
+                )
+            out.append(line)
     return "\n".join(out)
 
 
@@ -229,7 +248,9 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     rows = run(shapes, args.heads, args.dim, dtype, args.decays.split(","), args.against.split(","))
-    print("\n| shape (B, T) | op | fwd ms | fwd+bwd ms | note |\n|---|---|---|---|---|")
+    graph_columns = " fwd ms (graph) | fwd+bwd ms (graph) |" if USE_CUDA_GRAPHS else ""
+    header = f"| shape (B, T) | op | fwd ms | fwd+bwd ms |{graph_columns} note |"
+    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     print(_format(rows))
     print()
     print(ratio_table(rows))
