@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 # "ci" keeps the interpreter-mode suite within a few minutes on 2 cores; "gpu"
 # draws more examples when a GPU runs the compiled kernels.
@@ -16,5 +16,10 @@ settings.register_profile(
 )
 settings.register_profile(
     "gpu", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+# "report": a few examples and no shrinking, to see a failure fast on a rented GPU.
+settings.register_profile(
+    "report", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate], report_multiple_bugs=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))

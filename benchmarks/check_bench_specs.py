@@ -1,0 +1,57 @@
+"""Check the benchmark specs' kernels against their float64 reference on the bench's
+own inputs (GPU), forward and backward, before trusting any timing of them.
+
+    python benchmarks/check_bench_specs.py --shape 2,4096 --dtype bf16
+"""
+
+import argparse
+import sys
+
+import torch
+
+from attncc.bench import BENCH_SPECS, _import_source, _inputs
+from attncc.compiler import compile_source
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter, fp32, small shapes
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="2,4096")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    parser.add_argument("--heads", type=int, default=4)
+    args = parser.parse_args()
+    B, T = (int(x) for x in args.shape.split(","))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    worst = 0.0
+    for decay in args.decays.split(","):
+        source = BENCH_SPECS[decay][0]
+        name = source.split()[1]
+        module = _import_source(compile_source(source, f"check_{decay}.attn"), f"check_{decay}")
+        q, k, v, extra = _inputs(decay, B, T, args.heads, 128, dtype, DEVICE)
+        inputs = [q, k, v] + ([extra] if extra is not None else [])
+        ours = [x.detach().clone().requires_grad_(x.dim() > 1) for x in inputs]
+        theirs = [x.detach().double().requires_grad_(x.dim() > 1) for x in inputs]
+        o = getattr(module, name)(*ours)[0]
+        o_ref = getattr(module, f"{name}_reference")(*theirs)[0]
+        do = torch.randn_like(o_ref)
+        (o.double() * do).sum().backward()
+        (o_ref * do).sum().backward()
+        errors = {"o": rel(o, o_ref)}
+        for label, a, b in zip(["dq", "dk", "dv", "d_decay"], ours, theirs, strict=False):
+            if a.grad is not None:
+                errors[label] = rel(a.grad, b.grad)
+        worst = max(worst, *errors.values())
+        print(f"{decay:12s} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    print(f"worst relative error {worst:.1e} (bound {bound:.0e}): {'ok' if worst <= bound else 'FAILED'}")
+    return 0 if worst <= bound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
