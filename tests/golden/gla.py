@@ -323,9 +323,6 @@ def _gla_bwd_dq_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
-        split_dtype = tl.float32
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -342,58 +339,41 @@ def _gla_bwd_dq_kernel(
         g = tl.where(mask_td, _gla_gate(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
-        if tl.min(b_last, axis=0) > -40.0:
-            x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-            q = _gla_q_map(x_q, mask_td)
-            do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
-            # dq_t = e^b_t ⊙ (sum over s <= t of (do_t · v_s) k_s e^-b_s + do_t Sᵀ)
-            dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
-            k_to_start = (k * tl.exp(-b)).to(split_dtype)
-            dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
-            dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
-            dq *= tl.exp(b) * scale
+        for i in tl.static_range(BLOCK_T // SUB):
+            rows_i = start + i * SUB + offs_sub
+            mask_i = rows_i < seq_len
+            mask_id = mask_i[:, None] & mask_d[None, :]
+            b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
+            x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                           mask=mask_id, other=0.0).to(tl.float32)
+            g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+            b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
+            x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                           mask=mask_id, other=0.0).to(tl.float32)
+            q_i = _gla_q_map(x_qi, mask_id)
+            do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                           mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+            dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
+            if i > 0:
+                k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
+                dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
+            for s in range(0, SUB):
+                row_s = start + i * SUB + s
+                mask_s = mask_d[None, :] & (row_s < seq_len)
+                x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
+                v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
+                              mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
+                decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+                dq_i += tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts
+            dq_i *= scale
             if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq, mask=mask_td)
-            dx_q = _gla_q_map_backward(x_q, q, dq, mask_td)
-            tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
-                     dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
-        else:  # the exact path
-            for i in tl.static_range(BLOCK_T // SUB):
-                rows_i = start + i * SUB + offs_sub
-                mask_i = rows_i < seq_len
-                mask_id = mask_i[:, None] & mask_d[None, :]
-                b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
-                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                q_i = _gla_q_map(x_qi, mask_id)
-                do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                               mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
-                if i > 0:
-                    k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                    dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                    dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
-                for s in range(0, SUB):
-                    row_s = start + i * SUB + s
-                    mask_s = mask_d[None, :] & (row_s < seq_len)
-                    x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                    k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
-                    v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
-                    b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                    decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                    dq_i += tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts
-                dq_i *= scale
-                if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
-                dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
-                tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                         dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
+                tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
+            dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
+            tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                     dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
@@ -428,9 +408,6 @@ def _gla_bwd_dkv_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
-        split_dtype = tl.float32
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -450,76 +427,52 @@ def _gla_bwd_dkv_kernel(
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if not STATE_ONLY:
-            if tl.min(b_last, axis=0) > -40.0:
-                x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-                k = _gla_k_map(x_k, mask_td)
-                v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-                q_from_start = (q * tl.exp(b)).to(split_dtype)
-                k_to_start = (k * tl.exp(-b)).to(split_dtype)
-                to_end = tl.exp(b_last[None, :] - b)
-                # Key row s, query column t >= s; the pair's decay is e^b_t · e^-b_s.
-                anticausal = offs_t[:, None] <= offs_t[None, :]
-                scores_t = tl.where(anticausal, tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION), 0.0)
-                dscores_t = tl.where(anticausal, tl.dot(v, tl.trans(do), input_precision=PRECISION), 0.0)
-                dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
-                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * tl.exp(-b) * scale
+            for j in tl.static_range(BLOCK_T // SUB):
+                rows_i = start + j * SUB + offs_sub
+                mask_i = rows_i < seq_len
+                mask_id = mask_i[:, None] & mask_d[None, :]
+                b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
+                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                               mask=mask_id, other=0.0).to(tl.float32)
+                g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
+                x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                               mask=mask_id, other=0.0).to(tl.float32)
+                k_j = _gla_k_map(x_kj, mask_id)
+                v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                              mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
+                dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
+                if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
+                    b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
+                    q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
+                    k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
+                    scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
+                    dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
+                    dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
+                    dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
+                for t in range(0, SUB):  # the sub-block itself, one query row at a time
+                    row_t = start + j * SUB + t
+                    mask_q = mask_d[None, :] & (row_t < seq_len)
+                    x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
+                    q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
+                    do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
+                                   mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
+                    b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
+                    decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
+                    dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
+                    dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
                 # Later chunks see these keys and values through the state.
-                dk += tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end
-                dv += tl.dot((k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                to_end_j = tl.exp(b_last[None, :] - b_i)
+                dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
+                dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk, mask=mask_td)
-                dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
-                tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
-                         dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
-                tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
-                         dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
-            else:  # the exact path
-                for j in tl.static_range(BLOCK_T // SUB):
-                    rows_i = start + j * SUB + offs_sub
-                    mask_i = rows_i < seq_len
-                    mask_id = mask_i[:, None] & mask_d[None, :]
-                    b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
-                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
-                    k_j = _gla_k_map(x_kj, mask_id)
-                    v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                    dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
-                    dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
-                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
-                        b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
-                        q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
-                        k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                        scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
-                        dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
-                        dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                        dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
-                    for t in range(0, SUB):  # the sub-block itself, one query row at a time
-                        row_t = start + j * SUB + t
-                        mask_q = mask_d[None, :] & (row_t < seq_len)
-                        x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
-                        q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
-                        do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                       mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
-                        b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
-                        dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
-                        dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
-                    # Later chunks see these keys and values through the state.
-                    to_end_j = tl.exp(b_last[None, :] - b_i)
-                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
-                    dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
-                    if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                        tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
-                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
-                    tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
-                    tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
+                dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
+                tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                         dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
+                tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                         dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
         # dL/dS at the end of the previous chunk.
         q_from_start = (q * tl.exp(b)).to(dot_dtype)
         dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
