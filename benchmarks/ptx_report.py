@@ -88,6 +88,8 @@ def main() -> int:
     if args.decay == "per_channel":
         common.update(SUB=16, SPLIT_IN_FP32=args.dtype == "fp16")
     forward = dict(common, BLOCK_T=args.chunk, BLOCK_E=args.block_e)
+    if args.decay == "per_channel":
+        forward["FAST_PATH"] = True
     backward = dict(common, BLOCK_T=args.bwd_chunk, BLOCK_E=triton.next_power_of_2(E))
     store_db = args.decay in ("per_token", "per_channel")
     kernels = [

@@ -46,13 +46,13 @@ def decay_input(spec: AttentionSpec, B: int, T: int, H: int, H_kv: int, D: int, 
         return torch.rand(H, generator=gen) * 0.5 + 0.01
     if spec.decay in (Decay.PER_TOKEN, Decay.PER_CHANNEL):
         shape = (B, T, H_kv, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H_kv)
-        if extreme == "mixed":
-            # Gentle log decays, except that a few channels of tokens 16..31 lose e^-3 each:
-            # with chunk 16 that chunk decays by e^-48 and takes the per-channel exact path,
-            # its neighbours the fast path.
+        if extreme in ("mixed", "gentle"):
+            # Gentle log decays; "mixed": a few channels of tokens 16..31 lose e^-3 each, so
+            # with chunk 16 that chunk decays by e^-48 (per-channel forward: the exact path).
             g = -torch.rand(shape, generator=gen) * 0.1
-            g[:, 16:32, ..., :3] = -3.0
-            return g if spec.gate is None else torch.log(torch.expm1(-g))  # logsigmoid⁻¹
+            if extreme == "mixed":
+                g[:, 16:32, ..., :3] = -3.0
+            return g if spec.gate is None else g - torch.log(-torch.expm1(g))  # logsigmoid⁻¹
         if extreme:
             # A mix of "no decay" (g = 0, or a gate input of +40) and "state wiped"
             # (g or gate input -1e4): nothing may overflow or turn into NaN.
