@@ -1,0 +1,87 @@
+"""Compile generated kernels for Hopper (sm_90a) without a GPU, with Triton's own ptxas.
+
+The interpreter runs code the compiler may reject (Triton's `if` demands the same
+tile types in both branches, for one); this catches that on any machine, and
+ptxas's report shows registers and spills before any GPU time is spent. Kernel
+arguments are typed by name: q, k, v, o, do, dq, dk, dv take the input dtype;
+states, decays and decay gradients are float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from attncc.derive import KernelPlan
+
+INPUT_DTYPE_ARGS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+
+def load_compiled_mode(source: str, name: str):
+    """Import a generated module without its no-GPU switch to the interpreter."""
+    source = re.sub(r"if not torch\.cuda\.is_available\(\):[\s\S]*?\n(?=import triton)", "", source, count=1)
+    path = Path(tempfile.mkdtemp(prefix="attncc-ptx-")) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int):
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg in ("cu_seqlens", "segment_starts"):
+            signature[arg] = "*i32"
+        else:
+            signature[arg] = f"*{dtype}" if arg in INPUT_DTYPE_ARGS else "*fp32"
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_summary(compiled) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    arch = "sm_90a"
+    result = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={arch}", f.name, "-o", "/dev/null"],
+                            capture_output=True, text=True, check=True)
+    used = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    return (f"{used.group(1) if used else '?'} registers, spill stores/loads {spills.group(1)}/{spills.group(2)} B, "
+            f"shared {compiled.metadata.shared} B") if spills else result.stderr.strip()
+
+
+def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
+    """(label, kernel, constexprs) for the forward (output and state-only) and the two
+    backward sweeps of a causal spec's module, as its wrapper launches them."""
+    common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": triton.next_power_of_2(D),
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    if plan.decay == "per_channel":
+        common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16")
+    forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
+    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=triton.next_power_of_2(E))
+    kernels = [
+        ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True)),
+        ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,
+                                                 STORE_OUTPUT=False)),
+        ("bwd dq", "bwd_dq_kernel", dict(backward, HAS_INITIAL_STATE=True, STORE_DB=plan.data_dependent)),
+        ("bwd dk dv", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False,
+                                             STORE_DB=plan.data_dependent, STATE_ONLY=False)),
+    ]
+    if plan.decay == "per_channel":
+        kernels[0][2]["FAST_PATH"] = True
+        kernels.insert(1, ("fwd (output, exact)", "fwd_kernel", dict(kernels[0][2], FAST_PATH=False)))
+        kernels[2][2]["FAST_PATH"] = False
+    return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
