@@ -63,15 +63,20 @@ def ptxas_summary(compiled) -> str:
             f"shared {compiled.metadata.shared} B") if spills else result.stderr.strip()
 
 
+def _block(n: int) -> int:
+    """The generated wrappers' tile width for a head dim (their `_block`)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
     """(label, kernel, constexprs) for the forward (output and state-only) and the two
     backward sweeps of a causal spec's module, as its wrapper launches them."""
-    common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": triton.next_power_of_2(D),
+    common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": _block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.decay == "per_channel":
-        common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16")
+        common["SUB"] = 16
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
-    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=triton.next_power_of_2(E))
+    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=_block(E))
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True)),
         ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,
@@ -81,7 +86,9 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
                                              STORE_DB=plan.data_dependent, STATE_ONLY=False)),
     ]
     if plan.decay == "per_channel":
-        kernels[0][2]["FAST_PATH"] = True
-        kernels.insert(1, ("fwd (output, exact)", "fwd_kernel", dict(kernels[0][2], FAST_PATH=False)))
-        kernels[2][2]["FAST_PATH"] = False
+        fast, state_only = kernels[0][2], kernels[1][2]
+        for constexprs in (fast, state_only):
+            constexprs["SPLIT_IN_FP32"] = dtype == "fp16"
+        fast["FAST_PATH"], state_only["FAST_PATH"] = True, False
+        kernels.insert(1, ("fwd (output, exact)", "fwd_kernel", dict(fast, FAST_PATH=False)))
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]

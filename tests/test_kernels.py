@@ -91,6 +91,11 @@ def check_against_reference(
             # (exp maps) leave ~1e-2 absolute noise there.
             floor = 1e-2 if dtype == torch.float32 else (1.0 if spec.normalize else 1e-1)
             err = rel_error(actual, expected, floor=floor)
+            if spec.normalize and dtype == torch.float32:
+                # Through o = num / den the gradients are differences, (dnum - o * dden) / den,
+                # that cancel; with exp or softmax features summed in fp32 hypothesis found
+                # dq at 5.2e-5. A wrong kernel is off by O(1), so 1e-4 still catches it.
+                bound = 5 * tol
         assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.0e} for {spec} {shape}"
 
 

@@ -54,6 +54,26 @@ def test_prefix_then_steps_equals_one_call(kind):
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
+def test_state_only_pass_matches_the_full_call(kind):
+    """The first pass of NAME_sp: the final state without outputs, same value and gradients."""
+    spec = SPECS[kind]
+    module = module_for(spec)
+    call = getattr(module, f"_{spec.name}_call")
+    q, k, v, decay = _inputs(spec)
+    extra = [] if decay is None else [decay.requires_grad_(decay.dim() > 1)]
+    leaves = [x.requires_grad_() for x in (k, v)] + [x for x in extra if x.requires_grad]
+    dstate = None
+    grads = []
+    for store_output in (True, False):
+        o, state = call(q, k, v, *(extra or [None]), None, None, True, None, store_output=store_output)
+        assert (o is None) == (not store_output)
+        dstate = torch.randn_like(state) if dstate is None else dstate
+        grads.append([state.detach()] + list(torch.autograd.grad((state * dstate).sum(), leaves)))
+    for full, alone in zip(*grads, strict=True):
+        assert rel_error(alone, full) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
 def test_packed_batch_equals_separate_calls(kind):
     spec = SPECS[kind]
     fn = getattr(module_for(spec), spec.name)

@@ -34,7 +34,7 @@ ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "f77e3412cb2b0e10"
 SPEC_SOURCE = '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\nattention gla {\n    feature_map = identity\n    decay       = per_channel\n    gate        = logsigmoid(x) / 16\n    chunk       = 64\n    scale       = auto\n}\n'
 
-# Launch parameters per spec; `attncc tune` writes measured ones here.
+# Launch parameters per (spec, D, E), measured by `attncc tune` (read from spec.attn.tuned.json).
 TUNED_CONFIGS = {}
 
 
@@ -202,8 +202,9 @@ def _gla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr, FAST_PATH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
+    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
 ):
     """o = scale * φq(q) S, chunk by chunk; one program per (value block, sequence, head).
 
@@ -303,7 +304,7 @@ def _gla_fwd_kernel(
 def _gla_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
@@ -384,7 +385,7 @@ def _gla_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, dfinal_state_ptr, dinitial_state_ptr,
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
     STATE_ONLY: tl.constexpr,
 ):
@@ -638,8 +639,7 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
         BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
-        num_stages=config["num_stages"],
-        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16,
+        num_stages=config["num_stages"], SUB=16,
     )
 
 
@@ -655,7 +655,8 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, FAST_PATH=False,
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        SPLIT_IN_FP32=False, FAST_PATH=False,  # no outputs: neither is read
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
@@ -668,40 +669,44 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
 
 
 def _gla_gentle_decay(decay, chunk):
-    """True when no chunk can decay (or grow) a key channel by more than e^40, so the
-    forward may take its one-block fast path. Costs one host sync; while a CUDA graph
-    is being captured (no syncs allowed) it answers False, the path that is always exact."""
+    """True when no chunk can decay (or grow) a key channel by a factor beyond e^40, so
+    this launch may take the forward's one-block fast path. Costs one host sync; while
+    a CUDA graph is being captured (no syncs allowed) it answers False, the exact path."""
     if decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     g = _gla_gate_reference(decay.float())  # [tokens, H_kv, D]
     tokens = g.shape[0]
     g = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, -tokens % chunk)).view(-1, chunk, *g.shape[1:])
+    widest = []
     for part in (g.clamp(max=0), g.clamp(min=0)):
         # Every chunk, wherever its sequence starts, lies within two neighbouring blocks of
         # `chunk` tokens, and the sum over both bounds its own (all terms share one sign).
         block = part.sum(1)
-        pair = block[:-1] + block[1:] if len(block) > 1 else block
-        if pair.abs().max() > 40.0:
-            return False
-    return True
+        widest.append((block[:-1] + block[1:] if len(block) > 1 else block).abs().amax())
+    return bool(torch.stack(widest).max() <= 40.0)  # False for NaN too
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state):
+def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
 
     When (sequence, head, value block) programs are too few to fill the GPU, the
     sequences are cut into segments (see _gla_segment_states) and the outputs
-    of all segments are computed in parallel from the states entering them."""
+    of all segments are computed in parallel from the states entering them.
+    store_output=False computes the final states alone (no o)."""
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
     config = _gla_config(D, E)
     programs = num_seqs * H * triton.cdiv(E, config["block_e"])
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    if not store_output:  # the state-only pass, one segment per sequence unless cut finer
+        segment_len = segment_len or triton.cdiv(max(bounds[i + 1] - bounds[i] for i in range(num_seqs)), config["chunk"]) * config["chunk"]
+        _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
+        return None, final_state, None
+    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     launch = _gla_launch_args(q, k, v, config, config["block_e"])
-    launch["FAST_PATH"] = _gla_gentle_decay(decay, config["chunk"])
+    launch.update(SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=_gla_gentle_decay(decay, config["chunk"]))
     if segment_len is None:
         _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
             q, k, v, o, decay, None, initial_state, final_state, cu_seqlens, scale,
@@ -795,15 +800,17 @@ class _gla_Function(torch.autograd.Function):
     """Differentiable through q, k, v, gate_input and initial_state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state):
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
         B, T, H, D = q.shape
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
         decay = decay.reshape(B * T, *decay.shape[2:]).contiguous()
         o, final_state, segments = _gla_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state
+            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output
         )
         ctx.segments = segments
+        if o is None:  # state only: o stays unused, and its gradient is zero
+            o = q.new_zeros(B * T, H, E)
         ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state)
         ctx.bounds = bounds
         ctx.scale = scale
@@ -824,7 +831,7 @@ class _gla_Function(torch.autograd.Function):
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]), dv.view(B, T, *dv.shape[1:]),
-                ddecay, dinitial_state, None, None, None, None)
+                ddecay, dinitial_state, None, None, None, None, None)
 
 
 def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -844,11 +851,19 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
         (o [B, T, H, E], final_state or None)
     """
     _gla_check_arguments(unexpected, gate_input)
-    B, T, H, H_kv, D, E, starts, bounds = _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens)
+    return _gla_call(q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+    """gla once its positional arguments are sorted out. store_output=False skips the
+    outputs and returns (None, final state): the first pass of gla_sp."""
+    B, T, H, H_kv, D, E, starts, bounds = _gla_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
     scale = _resolve_scale(scale, None, D)
     o, final_state = _gla_Function.apply(
-        q, k, v, gate_input, initial_state, starts, bounds, scale, output_final_state
+        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output
     )
+    if not store_output:
+        return None, final_state
     return o, final_state
 
 
@@ -904,7 +919,8 @@ def gla_sp(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None
     _gla_check_arguments(unexpected, gate_input)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     extra = (gate_input,)
-    _, own_state = gla(q, k, v, *extra, scale=scale, output_final_state=True)
+    # This rank's own final state, from a state-only pass (no outputs yet).
+    _, own_state = _gla_call(q, k, v, gate_input, scale, None, True, None, store_output=False)
     states = dist_nn.all_gather(own_state, group)
     g = _gla_gate_reference(gate_input.float())
     own_total = g.sum(dim=1).repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # [B, H, D]

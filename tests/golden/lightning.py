@@ -34,7 +34,7 @@ ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "a65e0e126633f8d5"
 SPEC_SOURCE = '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\nattention lightning {\n    feature_map = identity\n    decay       = per_head        # slope[H] passed at call time\n    causal      = true\n    chunk       = 64              # intra-block size; `auto` lets tuning pick\n    scale       = 1.0             # or `auto` = 1/sqrt(D)\n}\n'
 
-# Launch parameters per spec; `attncc tune` writes measured ones here.
+# Launch parameters per (spec, D, E), measured by `attncc tune` (read from spec.attn.tuned.json).
 TUNED_CONFIGS = {}
 
 
@@ -524,20 +524,25 @@ def _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len
     return segment_cu, segment_starts, entering, decay_total
 
 
-def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state):
+def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
 
     When (sequence, head, value block) programs are too few to fill the GPU, the
     sequences are cut into segments (see _lightning_segment_states) and the outputs
-    of all segments are computed in parallel from the states entering them."""
+    of all segments are computed in parallel from the states entering them.
+    store_output=False computes the final states alone (no o)."""
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
     config = _lightning_config(D, E)
     programs = num_seqs * H * triton.cdiv(E, config["block_e"])
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    if not store_output:  # the state-only pass, one segment per sequence unless cut finer
+        segment_len = segment_len or triton.cdiv(max(bounds[i + 1] - bounds[i] for i in range(num_seqs)), config["chunk"]) * config["chunk"]
+        _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
+        return None, final_state, None
+    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     launch = _lightning_launch_args(q, k, v, config, config["block_e"])
     if segment_len is None:
         _lightning_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
@@ -633,15 +638,17 @@ class _lightning_Function(torch.autograd.Function):
     """Differentiable through q, k, v, slope and initial_state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state):
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
         B, T, H, D = q.shape
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
         decay = decay.to(torch.float32).contiguous()
         o, final_state, segments = _lightning_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state
+            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output
         )
         ctx.segments = segments
+        if o is None:  # state only: o stays unused, and its gradient is zero
+            o = q.new_zeros(B * T, H, E)
         ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state)
         ctx.bounds = bounds
         ctx.scale = scale
@@ -660,7 +667,7 @@ class _lightning_Function(torch.autograd.Function):
             dfinal_state, needs_decay_grad=ctx.needs_input_grad[3],
         )
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]), dv.view(B, T, *dv.shape[1:]),
-                ddecay, dinitial_state, None, None, None, None)
+                ddecay, dinitial_state, None, None, None, None, None)
 
 
 def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -680,11 +687,19 @@ def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, 
         (o [B, T, H, E], final_state or None)
     """
     _lightning_check_arguments(unexpected, slope)
-    B, T, H, H_kv, D, E, starts, bounds = _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens)
+    return _lightning_call(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+    """lightning once its positional arguments are sorted out. store_output=False skips the
+    outputs and returns (None, final state): the first pass of lightning_sp."""
+    B, T, H, H_kv, D, E, starts, bounds = _lightning_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
     scale = _resolve_scale(scale, 1.0, D)
     o, final_state = _lightning_Function.apply(
-        q, k, v, slope, initial_state, starts, bounds, scale, output_final_state
+        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output
     )
+    if not store_output:
+        return None, final_state
     return o, final_state
 
 
@@ -740,7 +755,8 @@ def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=Non
     _lightning_check_arguments(unexpected, slope)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     extra = (slope,)
-    _, own_state = lightning(q, k, v, *extra, scale=scale, output_final_state=True)
+    # This rank's own final state, from a state-only pass (no outputs yet).
+    _, own_state = _lightning_call(q, k, v, slope, scale, None, True, None, store_output=False)
     states = dist_nn.all_gather(own_state, group)
     B, T, H = q.shape[0], q.shape[1], q.shape[2]
     own_total = (-slope.float() * T).expand(B, H).contiguous()
