@@ -49,6 +49,21 @@ def _import_source(source: str, name: str):
 USE_CUDA_GRAPHS = False
 
 
+def bench_module(decay: str, tag: str):
+    """(generated module, function name) of the bench spec for `decay`."""
+    source = BENCH_SPECS[decay][0]
+    return _import_source(compile_source(source, f"{tag}_{decay}.attn"), f"{tag}_{decay}"), source.split()[1]
+
+
+def attncc_call(decay: str, fn, q, k, v, extra, scale=None):
+    """(call returning o, its inputs) for a bench spec's function; the inputs are made
+    leaves that need gradients, except the per-head slope, which stays a constant."""
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    if decay == "per_head":
+        return (lambda q, k, v: fn(q, k, v, extra, scale=scale)[0]), leaves
+    return (lambda *a: fn(*a, scale=scale)[0]), leaves + ([extra.requires_grad_()] if extra is not None else [])
+
+
 def _median_ms(fn, graph=False) -> float:
     import triton.testing
 
@@ -130,21 +145,12 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
         rows.append(Row(shape, "memory floor (q, k, v, o once)", bytes_moved / bandwidth * 1e3, None))
         print(_format([rows[-1]]), flush=True)
         for decay in decays:
-            source, fla_name = BENCH_SPECS[decay]
-            module = _import_source(compile_source(source, f"bench_{decay}.attn"), f"attncc_bench_{decay}")
-            name = source.split()[1]
-            fn = getattr(module, name)
+            fla_name = BENCH_SPECS[decay][1]
+            module, name = bench_module(decay, "attncc_bench")
             q, k, v, extra = _inputs(decay, B, T, heads, dim, dtype, device)
             scale = dim**-0.5
-            leaves = [x.requires_grad_() for x in (q, k, v)]
-            args = leaves + ([extra.requires_grad_()] if extra is not None and decay != "per_head" else [])
+            ours, ours_args = attncc_call(decay, getattr(module, name), q, k, v, extra, scale)
             call_extra = [] if extra is None else [extra]
-            if decay == "per_head":
-                ours = lambda q, k, v: fn(q, k, v, extra, scale=scale)[0]  # noqa: E731
-                ours_args = leaves
-            else:
-                ours = lambda *a: fn(*a, scale=scale)[0]  # noqa: E731
-                ours_args = args
             grad_out = torch.randn(B, T, heads, dim, device=device, dtype=dtype)
             rows.append(Row(shape, f"attncc, {decay}", *_pair(_time(ours, ours_args, grad_out))))
             print(_format([rows[-1]]), flush=True)
@@ -161,9 +167,9 @@ def run(shapes, heads=16, dim=128, dtype=torch.bfloat16, decays=tuple(BENCH_SPEC
                 if not err < 2e-2:
                     raise AssertionError(f"attncc and fla disagree on {decay}: {err:.2e}")
                 if decay == "per_head":
-                    times = _time(lambda q, k, v: fla(q, k, v, extra, scale), leaves, grad_out)
+                    times = _time(lambda q, k, v: fla(q, k, v, extra, scale), ours_args, grad_out)
                 else:
-                    times = _time(lambda *a: fla(*a, scale), args, grad_out)
+                    times = _time(lambda *a: fla(*a, scale), ours_args, grad_out)
                 rows.append(Row(shape, f"fla {fla_name}, {decay}", *_pair(times, f"attncc vs fla output: rel. diff {err:.1e}")))
                 print(_format([rows[-1]]), flush=True)
         if "sdpa" in against:

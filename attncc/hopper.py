@@ -37,6 +37,7 @@ def load_compiled_mode(source: str, name: str):
 
 
 def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int):
+    """triton.compile for sm_90a, with every non-constexpr argument typed by its name."""
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -52,31 +53,27 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_sta
 
 
 def ptxas_summary(compiled) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    arch = "sm_90a"
-    result = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={arch}", f.name, "-o", "/dev/null"],
-                            capture_output=True, text=True, check=True)
+    """Registers, spills and shared memory of a compiled kernel, as ptxas reports them."""
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        result = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True)
     used = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
     return (f"{used.group(1) if used else '?'} registers, spill stores/loads {spills.group(1)}/{spills.group(2)} B, "
             f"shared {compiled.metadata.shared} B") if spills else result.stderr.strip()
 
 
-def _block(n: int) -> int:
-    """The generated wrappers' tile width for a head dim (their `_block`)."""
-    return max(16, triton.next_power_of_2(n))
-
-
 def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
     """(label, kernel, constexprs) for the forward (output and state-only) and the two
     backward sweeps of a causal spec's module, as its wrapper launches them."""
-    common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": _block(D),
+    common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.decay == "per_channel":
         common["SUB"] = 16
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
-    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=_block(E))
+    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True)),
         ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,

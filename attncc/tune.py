@@ -4,8 +4,8 @@ The sweep is coordinate-wise (chunk size, then value-block width, warps,
 pipeline stages, and tokens per segment), each step keeping the best so far,
 so a full sweep costs one timed configuration per value listed in SEARCH_SPACE
 (fewer where a value repeats the best so far) rather than the product of all
-choices. It starts from the generated module's defaults. Each configuration is timed forward+backward (the
-training step) with `triton.testing.do_bench` medians on fresh random inputs.
+choices. It starts from the generated module's defaults. Each configuration is
+timed forward+backward (the training step) with `triton.testing.do_bench` medians on fresh random inputs.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-from attncc.bench import BENCH_SPECS, _import_source, _inputs
-from attncc.compiler import compile_source
+from attncc.bench import BENCH_SPECS, _inputs, bench_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter, fp32, small shapes
 
@@ -30,9 +29,7 @@ def main() -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     worst = 0.0
     for decay in args.decays.split(","):
-        source = BENCH_SPECS[decay][0]
-        name = source.split()[1]
-        module = _import_source(compile_source(source, f"check_{decay}.attn"), f"check_{decay}")
+        module, name = bench_module(decay, "check")
         q, k, v, extra = _inputs(decay, B, T, args.heads, 128, dtype, DEVICE)
         inputs = [q, k, v] + ([extra] if extra is not None else [])
         ours = [x.detach().clone().requires_grad_(x.dim() > 1) for x in inputs]

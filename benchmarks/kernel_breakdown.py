@@ -14,8 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attncc.bench import BENCH_SPECS, _import_source, _inputs
-from attncc.compiler import compile_source
+from attncc.bench import BENCH_SPECS, _inputs, attncc_call, bench_module
 
 STEPS = 5
 
@@ -29,19 +28,13 @@ def main() -> int:
     args = parser.parse_args()
     B, T = (int(x) for x in args.shape.split(","))
     for decay in args.decays.split(","):
-        source = BENCH_SPECS[decay][0]
-        module = _import_source(compile_source(source, f"breakdown_{decay}.attn"), f"breakdown_{decay}")
-        fn = getattr(module, source.split()[1])
+        module, name = bench_module(decay, "breakdown")
         q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
-        leaves = [x.requires_grad_() for x in (q, k, v)]
-        if extra is not None and decay != "per_head":
-            leaves.append(extra.requires_grad_())
-        extra_args = [extra] if decay == "per_head" else []
+        call, inputs = attncc_call(decay, getattr(module, name), q, k, v, extra)
         grad_out = torch.randn_like(q)
 
-        def step(fn=fn, leaves=leaves, extra_args=extra_args, grad_out=grad_out):
-            o = fn(*leaves, *extra_args)[0]
-            torch.autograd.grad(o, leaves, grad_out)
+        def step(call=call, inputs=inputs, grad_out=grad_out):
+            torch.autograd.grad(call(*inputs), inputs, grad_out)
 
         for _ in range(3):
             step()

@@ -539,7 +539,9 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
     if not store_output:  # the state-only pass, one segment per sequence unless cut finer
-        segment_len = segment_len or triton.cdiv(max(bounds[i + 1] - bounds[i] for i in range(num_seqs)), config["chunk"]) * config["chunk"]
+        if segment_len is None:
+            longest = max(bounds[i + 1] - bounds[i] for i in range(num_seqs))
+            segment_len = triton.cdiv(longest, config["chunk"]) * config["chunk"]
         _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
