@@ -25,13 +25,20 @@ from attncc.ir import (
 L2NORM_EPS = 1e-6  # inside the square root of l2norm, as fla does
 NORMALIZER_EPS = 1e-6  # o = num / (den + eps) with normalize = true
 # Launch defaults when the spec says `chunk = auto` and nothing is tuned: picked from
-# forward+backward sweeps on an H100 (see benchmarks/NOTES.md).
+# sweeps on an H100 at (B, T) = (2, 4096) and (1, 16384), H = 16, D = E = 128 (benchmarks/NOTES.md).
 DEFAULT_CHUNK = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 64}
-DEFAULT_BWD_CHUNK = {"none": 16, "per_head": 16, "per_token": 16, "per_channel": 64}
+DEFAULT_BWD_CHUNK = {"none": 32, "per_head": 64, "per_token": 64, "per_channel": 64}
 DEFAULT_BLOCK_E = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 128}
+# Whether the forward may halve its value block to get enough programs without cutting
+# sequences into segments. Per-token decays would recompute their in-chunk decay factors
+# in every value block: segments serve them better.
+DEFAULT_NARROW_BLOCK_E = {"none": True, "per_head": True, "per_token": False, "per_channel": False}
 DEFAULT_WARPS = {"none": 4, "per_head": 4, "per_token": 4, "per_channel": 8}
 # The backward kernels hold a whole D x E fp32 state: with 4 warps they spill (ptx_report.py).
 DEFAULT_BWD_WARPS = {"none": 8, "per_head": 8, "per_token": 8, "per_channel": 8}
+# Software-pipeline depth of the chunk loops (Triton's num_stages), forward and backward.
+DEFAULT_STAGES = {"none": 3, "per_head": 3, "per_token": 3, "per_channel": 2}
+DEFAULT_BWD_STAGES = {"none": 3, "per_head": 3, "per_token": 3, "per_channel": 2}
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,11 @@ class KernelPlan:
     helpers: tuple[str, ...]  # elementwise Triton helpers the module must define
     bwd_chunk: int  # the backward kernels' chunk (they need not match the forward's)
     block_e: int  # widest value block one forward program takes
+    narrow_block_e: bool  # the forward may halve block_e rather than cut sequences
     num_warps: int
     bwd_num_warps: int
+    num_stages: int
+    bwd_num_stages: int
     decay_input: str | None  # the call-time argument carrying the decay: slope, g, gate_input
 
     @property
@@ -129,8 +139,11 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         chunk=spec.chunk or DEFAULT_CHUNK[spec.decay.value],
         bwd_chunk=DEFAULT_BWD_CHUNK[spec.decay.value],
         block_e=DEFAULT_BLOCK_E[spec.decay.value],
+        narrow_block_e=DEFAULT_NARROW_BLOCK_E[spec.decay.value],
         num_warps=DEFAULT_WARPS[spec.decay.value],
         bwd_num_warps=DEFAULT_BWD_WARPS[spec.decay.value],
+        num_stages=DEFAULT_STAGES[spec.decay.value],
+        bwd_num_stages=DEFAULT_BWD_STAGES[spec.decay.value],
         scale=None if spec.scale is None else float(sympy.N(spec.scale, 17)),
         normalize=spec.normalize,
         q_map=q_map,

@@ -71,7 +71,7 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.decay == "per_channel":
-        common["SUB"] = 16
+        common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16", FAST_PATH=False)
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
     kernels = [
@@ -82,10 +82,7 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
         ("bwd dk dv", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False,
                                              STORE_DB=plan.data_dependent, STATE_ONLY=False)),
     ]
-    if plan.decay == "per_channel":
-        fast, state_only = kernels[0][2], kernels[1][2]
-        for constexprs in (fast, state_only):
-            constexprs["SPLIT_IN_FP32"] = dtype == "fp16"
-        fast["FAST_PATH"], state_only["FAST_PATH"] = True, False
-        kernels.insert(1, ("fwd (output, exact)", "fwd_kernel", dict(fast, FAST_PATH=False)))
+    if plan.decay == "per_channel":  # each output kernel on both paths
+        kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
+                    for label, name, constexprs in kernels if label != "fwd (state only)"]
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]

@@ -24,9 +24,11 @@ SEARCH_SPACE = {
     "chunk": [16, 32, 64, 128],
     "bwd_chunk": [16, 32, 64],
     "block_e": [32, 64, 128],
+    "narrow_block_e": [True, False],
     "num_warps": [4, 8],
     "bwd_num_warps": [4, 8],
-    "num_stages": [1, 2, 3],
+    "num_stages": [1, 2, 3, 4],
+    "bwd_num_stages": [1, 2, 3],
     "segment": [None, 256, 512, 1024, 2048],
     "bwd_segment": [None, 256, 512, 1024],
 }

@@ -8,6 +8,8 @@ which kernel to work on; the timings to quote come from bench.py.
 """
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 
@@ -25,6 +27,7 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    parser.add_argument("--host-profile", action="store_true", help="also print where the host's time goes (cProfile)")
     args = parser.parse_args()
     B, T = (int(x) for x in args.shape.split(","))
     for decay in args.decays.split(","):
@@ -46,6 +49,17 @@ def main() -> int:
         host_ms = (time.perf_counter() - started) / 20 * 1e3
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - started) / 20 * 1e3
+        if args.host_profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(20):
+                step()
+            profiler.disable()
+            torch.cuda.synchronize()
+            print(f"\n{decay}: host profile of 20 steps (top 30 by own time, then by cumulative time)", flush=True)
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(30)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(STEPS):
                 step()

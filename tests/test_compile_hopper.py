@@ -41,8 +41,10 @@ module = load_compiled_mode(compile_source(source, "x.attn"), "hopper_" + kernel
 D, E = 64, 64 + int(kernel_plan.normalize)
 config = {"chunk": kernel_plan.chunk, "bwd_chunk": kernel_plan.bwd_chunk, "block_e": 64}
 for label, kernel, constexprs in causal_kernels(module, kernel_plan, D, E, "bf16", config):
-    warps = kernel_plan.bwd_num_warps if label.startswith("bwd") else kernel_plan.num_warps
-    compiled = compile_kernel(kernel, constexprs, "bf16", warps, 2)
+    backward = label.startswith("bwd")
+    warps = kernel_plan.bwd_num_warps if backward else kernel_plan.num_warps
+    stages = kernel_plan.bwd_num_stages if backward else kernel_plan.num_stages
+    compiled = compile_kernel(kernel, constexprs, "bf16", warps, stages)
     assert compiled.asm["cubin"], label
     print("compiled", label)
 """

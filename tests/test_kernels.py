@@ -137,9 +137,9 @@ def test_extreme_gates_stay_finite(decay, gated):
 @pytest.mark.parametrize("decays", ["gentle", "mixed"])
 @pytest.mark.parametrize("gated", [False, True], ids=["g", "gate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_per_channel_fast_and_exact_forward(decays, gated, dtype):
-    """Gently decaying inputs take the forward's one-block fast path; one chunk that decays
-    by more than e^-40 in some channel sends the launch down the sub-block path."""
+def test_per_channel_fast_and_exact_paths(decays, gated, dtype):
+    """Gently decaying inputs take the one-block fast path, forward and backward; one chunk
+    that decays by more than e^-40 in some channel sends the call down the sub-block path."""
     from attncc import expr as ex
     from attncc.ir import AttentionSpec, X
 
@@ -151,8 +151,10 @@ def test_per_channel_fast_and_exact_forward(decays, gated, dtype):
     gen = torch.Generator().manual_seed(0)
     shape = (2, 53, 2, 1, 16, 20)
     decay = decay_input(spec, 1, shape[1], shape[2], shape[3], shape[4], gen, extreme=decays).reshape(shape[1], 1, 16)
-    gentle = getattr(module_for(spec), f"_{spec.name}_gentle_decay")(decay, 16)
-    assert gentle == (decays == "gentle")
+    gentle_decay = getattr(module_for(spec), f"_{spec.name}_gentle_decay")
+    assert gentle_decay(decay, 16) == (decays == "gentle")
+    decay[37, 0, 5] = float("nan")
+    assert not gentle_decay(decay, 16)  # NaN takes the exact path
     tol = None if dtype == torch.float32 else 2e-2
     for segment in [(None, None, 16), (16, 32, 16)]:
         check_against_reference(spec, shape, 7, dtype, True, False, extreme=decays, tol=tol, segment=segment)

@@ -178,3 +178,30 @@ def test_load_compiles_caches_and_is_safe_across_processes(tmp_path, monkeypatch
     # A changed spec is a different module.
     spec_path.write_text("attention tiny {\n    decay = none\n    chunk = 16\n}\n")
     assert attncc.load(spec_path) is not module
+
+
+def test_launch_retries_with_fewer_stages_and_remembers():
+    """A launch whose pipeline stages overflow shared memory (wide fp32 heads on the H100)
+    is retried with fewer stages; the number that fits is kept for later calls."""
+    import triton
+
+    module = module_for(AttentionSpec(name="stages_probe", decay=Decay.NONE))
+    tried = []
+
+    class TooBigAboveOneStage:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                tried.append(meta["num_stages"])
+                if meta["num_stages"] > 1:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return grid
+
+            return run
+
+    kernel, x = TooBigAboveOneStage(), torch.randn(3)
+    assert module._launch(kernel, (2, 5), x, num_stages=3, BLOCK=16) == (2, 5)
+    assert tried == [3, 2, 1]
+    assert module._launch(kernel, (2, 5), x, num_stages=3, BLOCK=16) == (2, 5)
+    assert tried == [3, 2, 1, 1]  # remembered
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        module._launch(kernel, (1,), x, num_stages=1, BLOCK=32)

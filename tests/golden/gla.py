@@ -117,9 +117,11 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     """Tokens per segment, or None to keep every sequence whole.
 
     Sequences are cut into segments, run side by side and chained by a scan, when
-    there are too few programs to fill the GPU: under a third of its multiprocessors
-    for the forward pass (whose second pass costs extra), under two waves for the
-    backward pass. `requested` (a tuned config) overrides the heuristic."""
+    their programs are too few to fill the GPU: under half its multiprocessors for
+    the forward pass (above that its extra state pass costs more than it gains),
+    under all of them for the backward pass. They are cut into as many segments as
+    fit one wave: two forward programs per multiprocessor, one backward program
+    (it holds the whole state). `requested` (a tuned config) overrides this."""
     longest = max(bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1))
     if requested is not None:
         length = max(chunk, requested // chunk * chunk)
@@ -127,10 +129,46 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     if device.type != "cuda":
         return None
     sms = _multiprocessors(device)
-    if programs >= (sms // 3 if forward else 2 * sms):
+    if programs >= (sms // 2 if forward else sms):
         return None
-    length = max(4 * chunk, triton.cdiv(triton.cdiv(longest, triton.cdiv(2 * sms, programs)), chunk) * chunk)
+    pieces = (2 * sms if forward else sms) // programs
+    length = max(4 * chunk, triton.cdiv(triton.cdiv(longest, pieces), chunk) * chunk)
     return length if length < longest else None
+
+
+_STAGES_THAT_FIT = {}  # (kernel, dtype, launch parameters) -> pipeline stages that fit in shared memory
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), with fewer pipeline stages where the number asked for
+    does not fit in shared memory (wide heads in fp32, say): found once per kernel, dtype
+    and launch parameters, then remembered."""
+    key = None
+    if _STAGES_THAT_FIT:
+        key = (kernel, args[0].dtype, tuple(sorted(meta.items())))
+        meta["num_stages"] = _STAGES_THAT_FIT.get(key, meta["num_stages"])
+    while True:
+        try:
+            return kernel[grid](*args, **meta)
+        except triton.runtime.errors.OutOfResources:
+            if meta["num_stages"] <= 1:
+                raise
+            key = key or (kernel, args[0].dtype, tuple(sorted(meta.items())))
+            meta["num_stages"] -= 1
+            _STAGES_THAT_FIT[key] = meta["num_stages"]
+
+
+def _forward_block_e(config, rows, E, device):
+    """The forward's value block: halved when that alone gives half the GPU's
+    multiprocessors a program, so that sequences need not be cut into segments
+    (whose extra state pass costs more than the narrower block)."""
+    block_e = config["block_e"]
+    if not config["narrow_block_e"] or device.type != "cuda" or block_e < 64:
+        return block_e
+    enough = _multiprocessors(device) // 2
+    if rows * triton.cdiv(E, block_e) < enough <= rows * triton.cdiv(E, block_e // 2):
+        return block_e // 2
+    return block_e
 
 
 def _split_segments(bounds, segment_len, device):
@@ -203,8 +241,8 @@ def _gla_fwd_kernel(
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
 ):
     """o = scale * φq(q) S, chunk by chunk; one program per (value block, sequence, head).
 
@@ -229,6 +267,7 @@ def _gla_fwd_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -305,6 +344,7 @@ def _gla_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
@@ -324,6 +364,10 @@ def _gla_bwd_dq_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
+    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
+    if SPLIT_IN_FP32:
+        split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -340,41 +384,57 @@ def _gla_bwd_dq_kernel(
         g = tl.where(mask_td, _gla_gate(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
-        for i in tl.static_range(BLOCK_T // SUB):
-            rows_i = start + i * SUB + offs_sub
-            mask_i = rows_i < seq_len
-            mask_id = mask_i[:, None] & mask_d[None, :]
-            b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-            x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                           mask=mask_id, other=0.0).to(tl.float32)
-            g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
-            b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-            x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                           mask=mask_id, other=0.0).to(tl.float32)
-            q_i = _gla_q_map(x_qi, mask_id)
-            do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                           mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-            dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
-            if i > 0:
-                k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
-            for s in range(0, SUB):
-                row_s = start + i * SUB + s
-                mask_s = mask_d[None, :] & (row_s < seq_len)
-                x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
-                v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
-                b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                dq_i += tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts
-            dq_i *= scale
+        if FAST_PATH:  # the chunk as one block, decays split at the chunk start
+            x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+            q = _gla_q_map(x_q, mask_td)
+            do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+            k_to_start = (k * tl.exp(-b)).to(split_dtype)
+            dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
+            dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
+            dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+            dq *= tl.exp(b) * scale
             if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
-            dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
-            tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                     dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
+                tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq, mask=mask_td)
+            dx_q = _gla_q_map_backward(x_q, q, dq, mask_td)
+            tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                     dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
+        else:  # the exact path
+            for i in tl.static_range(BLOCK_T // SUB):
+                rows_i = start + i * SUB + offs_sub
+                mask_i = rows_i < seq_len
+                mask_id = mask_i[:, None] & mask_d[None, :]
+                b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
+                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                               mask=mask_id, other=0.0).to(tl.float32)
+                g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
+                x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                               mask=mask_id, other=0.0).to(tl.float32)
+                q_i = _gla_q_map(x_qi, mask_id)
+                do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                               mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
+                if i > 0:
+                    k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                    dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
+                    dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
+                for s in range(0, SUB):
+                    row_s = start + i * SUB + s
+                    mask_s = mask_d[None, :] & (row_s < seq_len)
+                    x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                    k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
+                    v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
+                                  mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                    b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
+                    decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+                    dq_i += tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts
+                dq_i *= scale
+                if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
+                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
+                dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
+                tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                         dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
@@ -386,6 +446,7 @@ def _gla_bwd_dkv_kernel(
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
     STATE_ONLY: tl.constexpr,
 ):
@@ -409,6 +470,10 @@ def _gla_bwd_dkv_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
+    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
+    if SPLIT_IN_FP32:
+        split_dtype = tl.float32
+
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -428,52 +493,77 @@ def _gla_bwd_dkv_kernel(
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if not STATE_ONLY:
-            for j in tl.static_range(BLOCK_T // SUB):
-                rows_i = start + j * SUB + offs_sub
-                mask_i = rows_i < seq_len
-                mask_id = mask_i[:, None] & mask_d[None, :]
-                b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
-                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
-                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                k_j = _gla_k_map(x_kj, mask_id)
-                v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
-                dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
-                if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
-                    b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
-                    q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
-                    k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                    scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
-                    dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
-                    dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                    dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
-                for t in range(0, SUB):  # the sub-block itself, one query row at a time
-                    row_t = start + j * SUB + t
-                    mask_q = mask_d[None, :] & (row_t < seq_len)
-                    x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
-                    q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
-                    do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                   mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
-                    b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
-                    decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
-                    dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
-                    dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
+            if FAST_PATH:  # the chunk as one block, decays split at the chunk start
+                x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+                k = _gla_k_map(x_k, mask_td)
+                v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+                q_from_start = (q * tl.exp(b)).to(split_dtype)
+                k_to_start = (k * tl.exp(-b)).to(split_dtype)
+                anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
+                scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
+                scores_t = tl.where(anticausal, scores_t, 0.0)
+                dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dscores_t = tl.where(anticausal, dscores_t, 0.0)
                 # Later chunks see these keys and values through the state.
-                to_end_j = tl.exp(b_last[None, :] - b_i)
-                dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
-                dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                to_end = tl.exp(b_last[None, :] - b)
+                dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
+                dv += tl.dot((k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * (tl.exp(-b) * scale)
+                dk += tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
-                dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
-                tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                         dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
-                tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                         dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+                    tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk, mask=mask_td)
+                dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
+                tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                         dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
+                tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                         dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
+            else:  # the exact path
+                for j in tl.static_range(BLOCK_T // SUB):
+                    rows_i = start + j * SUB + offs_sub
+                    mask_i = rows_i < seq_len
+                    mask_id = mask_i[:, None] & mask_d[None, :]
+                    b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
+                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                                   mask=mask_id, other=0.0).to(tl.float32)
+                    g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
+                    x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                                   mask=mask_id, other=0.0).to(tl.float32)
+                    k_j = _gla_k_map(x_kj, mask_id)
+                    v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                                  mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                    dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
+                    dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
+                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
+                        b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
+                        q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
+                        k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
+                        scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
+                        dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
+                        dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
+                        dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
+                    for t in range(0, SUB):  # the sub-block itself, one query row at a time
+                        row_t = start + j * SUB + t
+                        mask_q = mask_d[None, :] & (row_t < seq_len)
+                        x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
+                        q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
+                        do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
+                                       mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
+                        b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
+                        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
+                        dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
+                        dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
+                    # Later chunks see these keys and values through the state.
+                    to_end_j = tl.exp(b_last[None, :] - b_i)
+                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
+                    dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                    if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
+                        tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
+                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
+                    tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
+                    tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
         # dL/dS at the end of the previous chunk.
         q_from_start = (q * tl.exp(b)).to(dot_dtype)
         dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
@@ -517,6 +607,26 @@ def _gla_decay_grad_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dg = dg * (_gla_gate_backward(x))
         tl.store(dx_ptr + offs, dg.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gla_decay_extent_kernel(x_ptr, widest_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """How far the log decay of any window of CHUNK tokens can move one key channel.
+
+    Every such window, wherever its sequence starts, lies within two neighbouring
+    blocks of CHUNK tokens, and the sums of the negative and of the positive log
+    decays over both bound its own. One program per (block, tile of channels)
+    stores the largest of those sums over its channels (inf if any is NaN)."""
+    rows = tl.program_id(0) * CHUNK + tl.arange(0, 2 * CHUNK)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(mask, _gla_gate(x), 0.0)
+    falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
+    rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
+    widest = tl.max(tl.maximum(falls, rises), axis=0)
+    widest = tl.where(tl.sum((g != g).to(tl.int32), axis=1).sum(axis=0) > 0, float("inf"), widest)
+    tl.store(widest_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), widest)
 
 
 @triton.jit
@@ -591,8 +701,9 @@ def _gla_config(D, E):
     """Launch parameters: tuned ones where `attncc tune` stored them, else defaults."""
     config = {
         "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 128),
-        "num_warps": 8, "bwd_num_warps": 8, "num_stages": 2, "segment": None,
-        "bwd_segment": None,
+        "narrow_block_e": False,
+        "num_warps": 8, "bwd_num_warps": 8, "num_stages": 2,
+        "bwd_num_stages": 2, "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("gla", D, E), {}))
     return config
@@ -639,7 +750,8 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
         BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
-        num_stages=config["num_stages"], SUB=16,
+        num_stages=config["bwd_num_stages" if backward else "num_stages"],
+        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # launches on the fast path override it
     )
 
 
@@ -653,10 +765,9 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
-    _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
+    _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_segments * H),
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
-        SPLIT_IN_FP32=False, FAST_PATH=False,  # no outputs: neither is read
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
@@ -670,33 +781,31 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
 
 def _gla_gentle_decay(decay, chunk):
     """True when no chunk can decay (or grow) a key channel by a factor beyond e^40, so
-    this launch may take the forward's one-block fast path. Costs one host sync; while
+    this call's kernels may take the one-block fast path. Costs one host sync; while
     a CUDA graph is being captured (no syncs allowed) it answers False, the exact path."""
     if decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    g = _gla_gate_reference(decay.float())  # [tokens, H_kv, D]
-    tokens = g.shape[0]
-    g = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, -tokens % chunk)).view(-1, chunk, *g.shape[1:])
-    widest = []
-    for part in (g.clamp(max=0), g.clamp(min=0)):
-        # Every chunk, wherever its sequence starts, lies within two neighbouring blocks of
-        # `chunk` tokens, and the sum over both bounds its own (all terms share one sign).
-        block = part.sum(1)
-        widest.append((block[:-1] + block[1:] if len(block) > 1 else block).abs().amax())
-    return bool(torch.stack(widest).max() <= 40.0)  # False for NaN too
+    tokens, columns = decay.shape[0], decay[0].numel()
+    block_c = min(64, _block(columns))
+    widest = torch.empty(triton.cdiv(tokens, chunk), triton.cdiv(columns, block_c), dtype=torch.float32,
+                         device=decay.device)
+    _gla_decay_extent_kernel[widest.shape](decay, widest, tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c)
+    return bool(widest.max() <= 40.0)  # NaN decays come back as inf: the exact path
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
+def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, fast_path):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
 
     When (sequence, head, value block) programs are too few to fill the GPU, the
     sequences are cut into segments (see _gla_segment_states) and the outputs
     of all segments are computed in parallel from the states entering them.
-    store_output=False computes the final states alone (no o)."""
+    store_output=False computes the final states alone (no o). fast_path: see
+    _gla_gentle_decay."""
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
     config = _gla_config(D, E)
+    config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, q.device))
     programs = num_seqs * H * triton.cdiv(E, config["block_e"])
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -708,9 +817,9 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     launch = _gla_launch_args(q, k, v, config, config["block_e"])
-    launch.update(SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=_gla_gentle_decay(decay, config["chunk"]))
+    launch.update(FAST_PATH=fast_path)
     if segment_len is None:
-        _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
+        _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_seqs * H),
             q, k, v, o, decay, None, initial_state, final_state, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
             **launch,
@@ -718,7 +827,7 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
         return o, final_state, None
     segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering, _ = segments
-    _gla_fwd_kernel[(triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H)](
+    _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
         q, k, v, o, decay, None, entering, None, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, **launch,
     )
@@ -726,7 +835,7 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
 
 
 def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, final_state, segments, do, dfinal_state,
-                     needs_decay_grad):
+                     needs_decay_grad, fast_path):
     N, H, D = q.shape
     H_kv, E = k.shape[1], v.shape[2]
     group = H // H_kv
@@ -742,6 +851,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
+    launch.update(FAST_PATH=fast_path)  # the path the forward launch took
     if segments is None:
         # The backward kernels run one program per (segment, head): cut long sequences
         # here too when the forward pass did not need to.
@@ -758,7 +868,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
         seq_cu, segment_starts, seq_init, decay_total = segments
         num_segments = seq_cu.numel() - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
-        _gla_bwd_dkv_kernel[(1, num_segments * H)](
+        _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
             q, k, v, do, None, None, decay, None, None, dlocal, seq_cu, scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
@@ -769,11 +879,11 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
-    _gla_bwd_dq_kernel[grid](
+    _launch(_gla_bwd_dq_kernel, grid,
         q, k, v, do, dq, decay, db_q, seq_init, seq_cu, scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
-    _gla_bwd_dkv_kernel[grid](
+    _launch(_gla_bwd_dkv_kernel, grid,
         q, k, v, do, dk, dv, decay, db_k, seq_dfinal, dinitial_state, seq_cu, scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
@@ -807,8 +917,11 @@ class _gla_Function(torch.autograd.Function):
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
         decay = decay.reshape(B * T, *decay.shape[2:]).contiguous()
+        # One check of the decays (one host sync) picks the fast or exact kernels, forward and backward.
+        config = _gla_config(D, E)
+        ctx.fast_path = fast_path = _gla_gentle_decay(decay, max(config["chunk"], config["bwd_chunk"]))
         o, final_state, segments = _gla_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output
+            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, fast_path
         )
         ctx.segments = segments
         if o is None:  # state only: o stays unused, and its gradient is zero
@@ -828,7 +941,7 @@ class _gla_Function(torch.autograd.Function):
             dfinal_state = dfinal_state.contiguous()
         dq, dk, dv, ddecay, dinitial_state = _gla_backward(
             q, k, v, decay, initial_state, cu_seqlens, ctx.bounds, ctx.scale, final_state, ctx.segments, do,
-            dfinal_state, needs_decay_grad=ctx.needs_input_grad[3],
+            dfinal_state, needs_decay_grad=ctx.needs_input_grad[3], fast_path=ctx.fast_path,
         )
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])

@@ -107,9 +107,11 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     """Tokens per segment, or None to keep every sequence whole.
 
     Sequences are cut into segments, run side by side and chained by a scan, when
-    there are too few programs to fill the GPU: under a third of its multiprocessors
-    for the forward pass (whose second pass costs extra), under two waves for the
-    backward pass. `requested` (a tuned config) overrides the heuristic."""
+    their programs are too few to fill the GPU: under half its multiprocessors for
+    the forward pass (above that its extra state pass costs more than it gains),
+    under all of them for the backward pass. They are cut into as many segments as
+    fit one wave: two forward programs per multiprocessor, one backward program
+    (it holds the whole state). `requested` (a tuned config) overrides this."""
     longest = max(bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1))
     if requested is not None:
         length = max(chunk, requested // chunk * chunk)
@@ -117,10 +119,46 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     if device.type != "cuda":
         return None
     sms = _multiprocessors(device)
-    if programs >= (sms // 3 if forward else 2 * sms):
+    if programs >= (sms // 2 if forward else sms):
         return None
-    length = max(4 * chunk, triton.cdiv(triton.cdiv(longest, triton.cdiv(2 * sms, programs)), chunk) * chunk)
+    pieces = (2 * sms if forward else sms) // programs
+    length = max(4 * chunk, triton.cdiv(triton.cdiv(longest, pieces), chunk) * chunk)
     return length if length < longest else None
+
+
+_STAGES_THAT_FIT = {}  # (kernel, dtype, launch parameters) -> pipeline stages that fit in shared memory
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), with fewer pipeline stages where the number asked for
+    does not fit in shared memory (wide heads in fp32, say): found once per kernel, dtype
+    and launch parameters, then remembered."""
+    key = None
+    if _STAGES_THAT_FIT:
+        key = (kernel, args[0].dtype, tuple(sorted(meta.items())))
+        meta["num_stages"] = _STAGES_THAT_FIT.get(key, meta["num_stages"])
+    while True:
+        try:
+            return kernel[grid](*args, **meta)
+        except triton.runtime.errors.OutOfResources:
+            if meta["num_stages"] <= 1:
+                raise
+            key = key or (kernel, args[0].dtype, tuple(sorted(meta.items())))
+            meta["num_stages"] -= 1
+            _STAGES_THAT_FIT[key] = meta["num_stages"]
+
+
+def _forward_block_e(config, rows, E, device):
+    """The forward's value block: halved when that alone gives half the GPU's
+    multiprocessors a program, so that sequences need not be cut into segments
+    (whose extra state pass costs more than the narrower block)."""
+    block_e = config["block_e"]
+    if not config["narrow_block_e"] or device.type != "cuda" or block_e < 64:
+        return block_e
+    enough = _multiprocessors(device) // 2
+    if rows * triton.cdiv(E, block_e) < enough <= rows * triton.cdiv(E, block_e // 2):
+        return block_e // 2
+    return block_e
 
 
 def _split_segments(bounds, segment_len, device):
@@ -203,11 +241,12 @@ def _lightning_fwd_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     causal = offs_t[:, None] >= offs_t[None, :]
+    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
-    g_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, seq_len, BLOCK_T):
         rows = start + offs_t
         mask_t = rows < seq_len
@@ -218,27 +257,25 @@ def _lightning_fwd_kernel(
         x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        g = tl.where(mask_t, log_decay_h, 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
+        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         if STORE_OUTPUT:
             # What the state carried in from earlier chunks contributes.
             q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
             o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
             # Within the chunk: masked (decayed) quadratic attention.
             scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
-            scores *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+            scores *= pair_decay
             o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
             tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
         state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
-        g_sum += g
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        tl.store(decay_total_ptr + i_n * H + i_h, tl.sum(g_sum, axis=0), mask=i_e == 0)
+        tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
 
 @triton.jit
@@ -265,7 +302,9 @@ def _lightning_bwd_dq_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     causal = offs_t[:, None] >= offs_t[None, :]
+    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -280,11 +319,10 @@ def _lightning_bwd_dq_kernel(
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
         do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        g = tl.where(mask_t, log_decay_h, 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
+        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dscores *= tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        dscores *= pair_decay
         dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
         dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
         dq += dq_from_start * tl.exp(b[:, None])
@@ -328,7 +366,9 @@ def _lightning_bwd_dkv_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
+    pair_decay = tl.exp(tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf")))  # the same in every chunk
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -345,13 +385,12 @@ def _lightning_bwd_dkv_kernel(
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
         do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        g = tl.where(mask_t, log_decay_h, 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
+        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         if not STATE_ONLY:
             scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
             dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            decay_t = tl.exp(tl.where(anticausal, b[None, :] - b[:, None], float("-inf")))
+            decay_t = pair_decay
             scores_t *= decay_t
             dscores_t *= decay_t
             dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
@@ -447,9 +486,10 @@ def _lightning_step_kernel(
 def _lightning_config(D, E):
     """Launch parameters: tuned ones where `attncc tune` stored them, else defaults."""
     config = {
-        "chunk": 64, "bwd_chunk": 16, "block_e": min(_block(E), 64),
-        "num_warps": 4, "bwd_num_warps": 8, "num_stages": 2, "segment": None,
-        "bwd_segment": None,
+        "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 64),
+        "narrow_block_e": True,
+        "num_warps": 4, "bwd_num_warps": 8, "num_stages": 3,
+        "bwd_num_stages": 3, "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("lightning", D, E), {}))
     return config
@@ -496,7 +536,7 @@ def _lightning_launch_args(q, k, v, config, block_e, backward=False):
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
         BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
-        num_stages=config["num_stages"],
+        num_stages=config["bwd_num_stages" if backward else "num_stages"],
     )
 
 
@@ -510,7 +550,7 @@ def _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
-    _lightning_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_segments * H)](
+    _launch(_lightning_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_segments * H),
         q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
         **_lightning_launch_args(q, k, v, config, config["block_e"]),
@@ -535,6 +575,7 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
     E = v.shape[2]
     num_seqs = len(bounds) - 1
     config = _lightning_config(D, E)
+    config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, q.device))
     programs = num_seqs * H * triton.cdiv(E, config["block_e"])
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -547,7 +588,7 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     launch = _lightning_launch_args(q, k, v, config, config["block_e"])
     if segment_len is None:
-        _lightning_fwd_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
+        _launch(_lightning_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_seqs * H),
             q, k, v, o, decay, None, initial_state, final_state, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
             **launch,
@@ -555,7 +596,7 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
         return o, final_state, None
     segments = _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering, _ = segments
-    _lightning_fwd_kernel[(triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H)](
+    _launch(_lightning_fwd_kernel, (triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
         q, k, v, o, decay, None, entering, None, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, **launch,
     )
@@ -595,7 +636,7 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
         seq_cu, segment_starts, seq_init, decay_total = segments
         num_segments = seq_cu.numel() - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
-        _lightning_bwd_dkv_kernel[(1, num_segments * H)](
+        _launch(_lightning_bwd_dkv_kernel, (1, num_segments * H),
             q, k, v, do, None, None, decay, None, None, dlocal, seq_cu, scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
@@ -606,11 +647,11 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
-    _lightning_bwd_dq_kernel[grid](
+    _launch(_lightning_bwd_dq_kernel, grid,
         q, k, v, do, dq, decay, db_q, seq_init, seq_cu, scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
-    _lightning_bwd_dkv_kernel[grid](
+    _launch(_lightning_bwd_dkv_kernel, grid,
         q, k, v, do, dk, dv, decay, db_k, seq_dfinal, dinitial_state, seq_cu, scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
