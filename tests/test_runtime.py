@@ -188,20 +188,23 @@ def test_launch_retries_with_fewer_stages_and_remembers():
     module = module_for(AttentionSpec(name="stages_probe", decay=Decay.NONE))
     tried = []
 
-    class TooBigAboveOneStage:
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
         def __getitem__(self, grid):
             def run(*args, **meta):
                 tried.append(meta["num_stages"])
-                if meta["num_stages"] > 1:
+                if meta["num_stages"] > self.fits:
                     raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
                 return grid
 
             return run
 
-    kernel, x = TooBigAboveOneStage(), torch.randn(3)
+    kernel, x = Kernel(fits=1), torch.randn(3)
     assert module._launch(kernel, (2, 5), x, num_stages=3, BLOCK=16) == (2, 5)
     assert tried == [3, 2, 1]
     assert module._launch(kernel, (2, 5), x, num_stages=3, BLOCK=16) == (2, 5)
     assert tried == [3, 2, 1, 1]  # remembered
     with pytest.raises(triton.runtime.errors.OutOfResources):
-        module._launch(kernel, (1,), x, num_stages=1, BLOCK=32)
+        module._launch(Kernel(fits=0), (1,), x, num_stages=2, BLOCK=32)
