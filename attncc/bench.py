@@ -64,6 +64,15 @@ def attncc_call(decay: str, fn, q, k, v, extra, scale=None):
     return (lambda *a: fn(*a, scale=scale)[0]), leaves + ([extra.requires_grad_()] if extra is not None else [])
 
 
+def shape_arguments(parser, heads: int = 16) -> None:
+    """Options the one-shape benchmark scripts share: --shape B,T (parsed to a tuple),
+    --heads, --dim (D = E) and --decays."""
+    parser.add_argument("--shape", default=(2, 4096), type=lambda s: tuple(int(x) for x in s.split(",")), help="B,T")
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+
+
 def _median_ms(fn, graph=False) -> float:
     import triton.testing
 

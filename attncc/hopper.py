@@ -9,7 +9,6 @@ states, decays and decay gradients are float32.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import tempfile
@@ -21,6 +20,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from attncc.derive import KernelPlan
+from attncc.loader import import_path
 
 INPUT_DTYPE_ARGS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 
@@ -30,10 +30,7 @@ def load_compiled_mode(source: str, name: str):
     source = re.sub(r"if not torch\.cuda\.is_available\(\):[\s\S]*?\n(?=import triton)", "", source, count=1)
     path = Path(tempfile.mkdtemp(prefix="attncc-ptx-")) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_path(path, name)
 
 
 def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_stages: int):

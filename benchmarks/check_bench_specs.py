@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from attncc.bench import BENCH_SPECS, _inputs, bench_module
+from attncc.bench import _inputs, bench_module, shape_arguments
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter, fp32, small shapes
 
@@ -20,17 +20,15 @@ def rel(a, b):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="2,4096")
+    shape_arguments(parser, heads=4)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
-    parser.add_argument("--heads", type=int, default=4)
     args = parser.parse_args()
-    B, T = (int(x) for x in args.shape.split(","))
+    B, T = args.shape
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     worst = 0.0
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "check")
-        q, k, v, extra = _inputs(decay, B, T, args.heads, 128, dtype, DEVICE)
+        q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, dtype, DEVICE)
         inputs = [q, k, v] + ([extra] if extra is not None else [])
         ours = [x.detach().clone().requires_grad_(x.dim() > 1) for x in inputs]
         theirs = [x.detach().double().requires_grad_(x.dim() > 1) for x in inputs]

@@ -3,11 +3,10 @@
     python benchmarks/explore_launch.py --shape 2,4096 --decays none,per_head
     python benchmarks/explore_launch.py --step --configs '[{}, {"bwd_chunk": 32}]'
 
-For each decay and config: eager forward (no autograd; with --step, forward and
-backward) and, except per-channel
-(whose fast path needs a host check that CUDA-graph capture skips), the replay
-of a captured graph, i.e. GPU time alone. Used to choose forward defaults; the
-timings to quote come from bench.py.
+For each decay and config: the eager forward (no autograd; with --step, forward
+and backward) and the replay of a captured graph, i.e. GPU time alone, except
+for per-channel decay (whose fast path needs a host check that graph capture
+skips). Used to choose launch defaults; the timings to quote come from bench.py.
 """
 
 import argparse
@@ -17,7 +16,7 @@ import sys
 import torch
 import triton.testing
 
-from attncc.bench import BENCH_SPECS, _inputs, bench_module
+from attncc.bench import _inputs, bench_module, shape_arguments
 
 CONFIGS = [
     {},
@@ -37,14 +36,11 @@ CONFIGS = [
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="2,4096", help="B,T")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    shape_arguments(parser)
     parser.add_argument("--configs", default=None, help="JSON list of config overrides")
     parser.add_argument("--step", action="store_true", help="time forward+backward instead of the forward")
     args = parser.parse_args()
-    B, T = (int(x) for x in args.shape.split(","))
+    B, T = args.shape
     configs = json.loads(args.configs) if args.configs else CONFIGS
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "explore_fwd")

@@ -16,20 +16,17 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attncc.bench import BENCH_SPECS, _inputs, attncc_call, bench_module
+from attncc.bench import _inputs, attncc_call, bench_module, shape_arguments
 
 STEPS = 5
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="2,4096", help="B,T")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--decays", default=",".join(BENCH_SPECS))
+    shape_arguments(parser)
     parser.add_argument("--host-profile", action="store_true", help="also print where the host's time goes (cProfile)")
     args = parser.parse_args()
-    B, T = (int(x) for x in args.shape.split(","))
+    B, T = args.shape
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "breakdown")
         q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
