@@ -43,6 +43,8 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_sta
             signature[arg] = "fp32"
         elif arg in ("cu_seqlens", "segment_starts"):
             signature[arg] = "*i32"
+        elif arg == "segment_len":
+            signature[arg] = "i32"
         else:
             signature[arg] = f"*{dtype}" if arg in INPUT_DTYPE_ARGS else "*fp32"
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -72,14 +74,17 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
     kernels = [
-        ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True)),
+        ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True,
+                                             STORE_SEGMENT_STATES=True)),
         ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,
-                                                 STORE_OUTPUT=False)),
+                                                 STORE_OUTPUT=False, STORE_SEGMENT_STATES=False)),
         ("bwd dq", "bwd_dq_kernel", dict(backward, HAS_INITIAL_STATE=True, STORE_DB=plan.data_dependent)),
         ("bwd dk dv", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False,
                                              STORE_DB=plan.data_dependent, STATE_ONLY=False)),
+        ("bwd dk dv (state only)", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True,
+                                                          STORE_DB=False, STATE_ONLY=True)),
     ]
     if plan.decay == "per_channel":  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
-                    for label, name, constexprs in kernels if label != "fwd (state only)"]
+                    for label, name, constexprs in kernels if "state only" not in label]
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]

@@ -238,16 +238,20 @@ def _gla_gate_backward(x):
 @triton.jit
 def _gla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    cu_seqlens, scale,
+    segment_states_ptr, segment_starts, segment_len, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
+    STORE_SEGMENT_STATES: tl.constexpr,
 ):
     """o = scale * φq(q) S, chunk by chunk; one program per (value block, sequence, head).
 
     With STORE_OUTPUT off it only runs the state recurrence (the first pass of a
-    sequence split into segments) and also stores the total log decay."""
+    sequence split into segments) and also stores the total log decay. With
+    STORE_SEGMENT_STATES on it also stores the state entering every segment_len
+    tokens (segment_starts[n] numbers sequence n's first), for a backward pass
+    that cuts the sequences into segments."""
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -270,8 +274,12 @@ def _gla_fwd_kernel(
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
-    g_sum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
     for start in range(0, seq_len, BLOCK_T):
+        if STORE_SEGMENT_STATES:
+            if start % segment_len == 0:
+                at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
+                tl.store(segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
@@ -331,11 +339,11 @@ def _gla_fwd_kernel(
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
         state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
-        g_sum += g
+        decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, tl.sum(g_sum, axis=0), mask=mask_d & (i_e == 0))
+        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
@@ -440,7 +448,7 @@ def _gla_bwd_dq_kernel(
 
 @triton.jit
 def _gla_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, dfinal_state_ptr, dinitial_state_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
@@ -451,7 +459,8 @@ def _gla_bwd_dkv_kernel(
     """dk and dv (per query head), sweeping backward and carrying dL/dS.
 
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
-    first backward pass of a sequence split into segments)."""
+    first backward pass of a sequence split into segments) and stores the total
+    log decay."""
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -474,6 +483,7 @@ def _gla_bwd_dkv_kernel(
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         start = (num_chunks - 1 - i) * BLOCK_T
@@ -489,6 +499,7 @@ def _gla_bwd_dkv_kernel(
         g = tl.where(mask_td, _gla_gate(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
+        decay_total += b_last
         if not STATE_ONLY:
             if FAST_PATH:  # the chunk as one block, decays split at the chunk start
                 x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
@@ -566,6 +577,8 @@ def _gla_bwd_dkv_kernel(
         dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
+    if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
+        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
@@ -755,16 +768,16 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
 def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
-    decay, and a scan chains them. Returns (segment_cu, segment_starts, entering states,
-    total log decays); writes the sequences' final states into final_state if given."""
+    decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
+    states); writes the sequences' final states into final_state if given."""
     H, D, E = q.shape[1], q.shape[2], v.shape[2]
     segment_cu, segment_starts = _split_segments(bounds, segment_len, q.device)
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_segments * H),
-        q, k, v, None, decay, decay_total, None, local, segment_cu, 1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        q, k, v, None, decay, decay_total, None, local, None, None, 0, segment_cu, 1.0,
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
@@ -773,7 +786,15 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
     )
-    return segment_cu, segment_starts, entering, decay_total
+    return segment_cu, segment_starts, entering
+
+
+def _gla_backward_segment_length(config, bounds, heads, device):
+    """Tokens per segment of the backward pass (one program per segment and head), or
+    None to keep the sequences whole. A multiple of both chunk sizes, so that an
+    unsplit forward pass can store the states entering the segments as it goes."""
+    chunk = max(config["chunk"], config["bwd_chunk"])
+    return _segment_length(config["bwd_segment"], bounds, (len(bounds) - 1) * heads, chunk, device, forward=False)
 
 
 def _gla_gentle_decay(decay, chunk):
@@ -790,14 +811,17 @@ def _gla_gentle_decay(decay, chunk):
     return bool(widest.max() <= 40.0)  # NaN decays come back as inf: the exact path
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, fast_path):
+def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
+                    needs_grad, fast_path):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
 
     When (sequence, head, value block) programs are too few to fill the GPU, the
     sequences are cut into segments (see _gla_segment_states) and the outputs
     of all segments are computed in parallel from the states entering them.
-    store_output=False computes the final states alone (no o). fast_path: see
-    _gla_gentle_decay."""
+    Otherwise, when needs_grad and the backward pass will cut the sequences, the
+    one launch also stores the states entering the backward's segments.
+    Returns (o, final state, segments: (segment_cu, segment_starts, entering
+    states) or None). store_output=False computes the final states alone (no o).    fast_path: see _gla_gentle_decay."""
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
@@ -816,17 +840,24 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
     launch = _gla_launch_args(q, k, v, config, config["block_e"])
     launch.update(FAST_PATH=fast_path)
     if segment_len is None:
+        segments = entering = segment_starts = None
+        bwd_segment_len = _gla_backward_segment_length(config, bounds, H, q.device) if needs_grad else None
+        if bwd_segment_len is not None:
+            segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
+            entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
+            segments = (segment_cu, segment_starts, entering)
         _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_seqs * H),
-            q, k, v, o, decay, None, initial_state, final_state, cu_seqlens, scale,
+            q, k, v, o, decay, None, initial_state, final_state,
+            entering, segment_starts, bwd_segment_len or 0, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
-            **launch,
+            STORE_SEGMENT_STATES=segments is not None, **launch,
         )
-        return o, final_state, None
+        return o, final_state, segments
     segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
-    segment_cu, _, entering, _ = segments
+    segment_cu, _, entering = segments
     _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
-        q, k, v, o, decay, None, entering, None, segment_cu, scale,
-        HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, **launch,
+        q, k, v, o, decay, None, entering, None, None, None, 0, segment_cu, scale,
+        HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
     )
     return o, final_state, segments
 
@@ -851,10 +882,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     launch.update(FAST_PATH=fast_path)  # the path the forward launch took
     if segments is None:
         # The backward kernels run one program per (segment, head): cut long sequences
-        # here too when the forward pass did not need to.
-        segment_len = _segment_length(
-            config["bwd_segment"], bounds, num_seqs * H, config["bwd_chunk"], q.device, forward=False
-        )
+        # here when the forward pass did not (it computed the final states alone).
+        segment_len = _gla_backward_segment_length(config, bounds, H, q.device)
         if segment_len is not None:
             segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, None, config)
     if segments is None:
@@ -862,11 +891,12 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
         num_segments = num_seqs
     else:
         # Carry dL/dS back across segments the way the forward pass carried S across them.
-        seq_cu, segment_starts, seq_init, decay_total = segments
+        seq_cu, segment_starts, seq_init = segments
         num_segments = seq_cu.numel() - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
+        decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q, k, v, do, None, None, decay, None, None, dlocal, seq_cu, scale,
+            q, k, v, do, None, None, decay, None, decay_total, None, dlocal, seq_cu, scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
@@ -881,7 +911,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _launch(_gla_bwd_dkv_kernel, grid,
-        q, k, v, do, dk, dv, decay, db_k, seq_dfinal, dinitial_state, seq_cu, scale,
+        q, k, v, do, dk, dv, decay, db_k, None, seq_dfinal, dinitial_state, seq_cu, scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
@@ -917,8 +947,9 @@ class _gla_Function(torch.autograd.Function):
         # One check of the decays (one host sync) picks the fast or exact kernels, forward and backward.
         config = _gla_config(D, E)
         ctx.fast_path = fast_path = _gla_gentle_decay(decay, max(config["chunk"], config["bwd_chunk"]))
+        needs_grad = any(ctx.needs_input_grad[:5])
         o, final_state, segments = _gla_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, fast_path
+            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad, fast_path
         )
         ctx.segments = segments
         if o is None:  # state only: o stays unused, and its gradient is zero
