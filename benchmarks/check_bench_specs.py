@@ -2,9 +2,11 @@
 own inputs (GPU), forward and backward, before trusting any timing of them.
 
     python benchmarks/check_bench_specs.py --shape 2,4096 --dtype bf16
+    python benchmarks/check_bench_specs.py --config '{"segment": 1048576}'   # one launch config
 """
 
 import argparse
+import json
 import sys
 
 import torch
@@ -22,12 +24,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     shape_arguments(parser, heads=4)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--config", default="{}", help="JSON dict of launch config overrides, e.g. for a config being timed")
     args = parser.parse_args()
+    overrides = json.loads(args.config)
     B, T = args.shape
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     worst = 0.0
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "check")
+        defaults = getattr(module, f"_{name}_config")(args.dim, args.dim)
+        module.TUNED_CONFIGS[(name, args.dim, args.dim)] = dict(defaults, **overrides)
         q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, dtype, DEVICE)
         inputs = [q, k, v] + ([extra] if extra is not None else [])
         ours = [x.detach().clone().requires_grad_(x.dim() > 1) for x in inputs]
