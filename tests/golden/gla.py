@@ -292,12 +292,12 @@ def _gla_fwd_kernel(
         g = tl.where(mask_td, _gla_gate(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
-        if STORE_OUTPUT:
-            if FAST_PATH:
+        if FAST_PATH:
+            k_to_start = (k * tl.exp(-b)).to(split_dtype)
+            if STORE_OUTPUT:
                 x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
                 q = _gla_q_map(x_q, mask_td)
                 q_from_start = (q * tl.exp(b)).to(split_dtype)
-                k_to_start = (k * tl.exp(-b)).to(split_dtype)
                 # What the state carried in from earlier chunks contributes, then the chunk itself.
                 o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
                 scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
@@ -305,7 +305,12 @@ def _gla_fwd_kernel(
                 o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
                 tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
-            else:  # the exact path
+            # Keys taken back to the chunk start, then the whole state to its end: the
+            # same as k ⊙ exp(b_last - b), without another exp of the tile.
+            state += tl.dot(tl.trans(k_to_start), v.to(split_dtype), input_precision=PRECISION)
+            state *= tl.exp(b_last[:, None])
+        else:  # the exact path
+            if STORE_OUTPUT:
                 for i in tl.static_range(BLOCK_T // SUB):
                     rows_i = start + i * SUB + offs_sub
                     mask_i = rows_i < seq_len
@@ -336,9 +341,9 @@ def _gla_fwd_kernel(
                         o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * v_s
                     tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                              (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+            # Carry the state to the end of this chunk.
+            k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
+            state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
         decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
@@ -506,18 +511,22 @@ def _gla_bwd_dkv_kernel(
                 k = _gla_k_map(x_k, mask_td)
                 v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
                 q_from_start = (q * tl.exp(b)).to(split_dtype)
-                k_to_start = (k * tl.exp(-b)).to(split_dtype)
+                from_start = tl.exp(-b)
+                k_to_start = (k * from_start).to(split_dtype)
                 anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
                 scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
                 scores_t = tl.where(anticausal, scores_t, 0.0)
                 dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 dscores_t = tl.where(anticausal, dscores_t, 0.0)
-                # Later chunks see these keys and values through the state.
-                to_end = tl.exp(b_last[None, :] - b)
+                # Later chunks see these keys and values through the state, decayed from
+                # each row to the chunk end: exp(b_last - b) = exp(-b) exp(b_last), the
+                # second factor taken into dL/dS (dstate_end) rather than a tile of exps.
+                dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
                 dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
-                dv += tl.dot((k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
-                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * (tl.exp(-b) * scale)
-                dk += tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end
+                dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
+                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * scale
+                dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
+                dk *= from_start
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                     tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk, mask=mask_td)
                 dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
