@@ -50,7 +50,12 @@ def _sigmoid(x):
 
 def _block(n):
     """Tile width for a dimension of size n: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _cdiv(a, b):
+    # triton.cdiv's value; it costs ~2 µs of host time per call, a plain expression none.
+    return -(-a // b)
 
 
 def _precision(dtype):
@@ -132,7 +137,7 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     if programs >= (sms // 2 if forward else sms):
         return None
     pieces = (2 * sms if forward else sms) // programs
-    length = max(4 * chunk, triton.cdiv(triton.cdiv(longest, pieces), chunk) * chunk)
+    length = max(4 * chunk, _cdiv(_cdiv(longest, pieces), chunk) * chunk)
     return length if length < longest else None
 
 
@@ -166,7 +171,7 @@ def _forward_block_e(config, rows, E, device):
     if not config["narrow_block_e"] or device.type != "cuda" or block_e < 64:
         return block_e
     enough = _multiprocessors(device) // 2
-    if rows * triton.cdiv(E, block_e) < enough <= rows * triton.cdiv(E, block_e // 2):
+    if rows * _cdiv(E, block_e) < enough <= rows * _cdiv(E, block_e // 2):
         return block_e // 2
     return block_e
 
@@ -784,13 +789,13 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     num_segments = segment_cu.numel() - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
-    _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_segments * H),
+    _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
         q, k, v, None, decay, decay_total, None, local, None, None, 0, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
-    _gla_segment_scan_kernel[(triton.cdiv(E, config["block_e"]), (len(bounds) - 1) * H)](
+    _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), (len(bounds) - 1) * H)](
         local, decay_total, initial_state, entering, final_state, segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
@@ -814,7 +819,7 @@ def _gla_gentle_decay(decay, chunk):
         return False
     tokens, columns = decay.shape[0], decay[0].numel()
     block_c = min(64, _block(columns))
-    widest = torch.empty(triton.cdiv(tokens, chunk), triton.cdiv(columns, block_c), dtype=torch.float32,
+    widest = torch.empty(_cdiv(tokens, chunk), _cdiv(columns, block_c), dtype=torch.float32,
                          device=decay.device)
     _gla_decay_extent_kernel[widest.shape](decay, widest, tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c)
     return bool(widest.max() <= 40.0)  # NaN decays come back as inf: the exact path
@@ -836,13 +841,13 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
     num_seqs = len(bounds) - 1
     config = _gla_config(D, E)
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, q.device))
-    programs = num_seqs * H * triton.cdiv(E, config["block_e"])
+    programs = num_seqs * H * _cdiv(E, config["block_e"])
     segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
     if not store_output:  # the state-only pass, one segment per sequence unless cut finer
         if segment_len is None:
             longest = max(bounds[i + 1] - bounds[i] for i in range(num_seqs))
-            segment_len = triton.cdiv(longest, config["chunk"]) * config["chunk"]
+            segment_len = _cdiv(longest, config["chunk"]) * config["chunk"]
         _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
@@ -855,7 +860,7 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
             segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
             entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
             segments = (segment_cu, segment_starts, entering)
-        _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), num_seqs * H),
+        _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_seqs * H),
             q, k, v, o, decay, None, initial_state, final_state,
             entering, segment_starts, bwd_segment_len or 0, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
@@ -864,7 +869,7 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
         return o, final_state, segments
     segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering = segments
-    _launch(_gla_fwd_kernel, (triton.cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
+    _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
         q, k, v, o, decay, None, entering, None, None, None, 0, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
     )
@@ -909,7 +914,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
-        _gla_segment_scan_kernel[(triton.cdiv(E, config["block_e"]), num_seqs * H)](
+        _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
             dlocal, decay_total, dfinal_state, seq_dfinal, dinitial_state, segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
@@ -936,7 +941,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
             final_term = (dfinal_state * final_state).sum(-1)
         ddecay = torch.empty_like(decay)
         block_d = min(32, _block(D))
-        grid = (num_seqs * H_kv, triton.cdiv(D, block_d))
+        grid = (num_seqs * H_kv, _cdiv(D, block_d))
         _gla_decay_grad_kernel[grid](
             db_q, db_k, decay, ddecay, final_term, cu_seqlens,
             H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
@@ -1045,7 +1050,7 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
     new_state = torch.empty_like(state)
     block_e = min(_block(E_state), 64)
-    _gla_step_kernel[(triton.cdiv(E_state, block_e), B * H)](
+    _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
         q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), decay, state.contiguous(), o_t, new_state, scale,
         H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
     )
