@@ -65,8 +65,8 @@ def ptxas_summary(compiled) -> str:
 
 
 def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
-    """(label, kernel, constexprs) for the forward (output and state-only) and the three
-    backward launches of a causal spec's module, as its wrapper makes them."""
+    """(label, kernel, constexprs) for the forward (output and state-only) and the two
+    backward sweeps of a causal spec's module, as its wrapper launches them."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.decay == "per_channel":
@@ -78,14 +78,13 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
                                              STORE_SEGMENT_STATES=True)),
         ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,
                                                  STORE_OUTPUT=False, STORE_SEGMENT_STATES=False)),
-        ("bwd dq | dk dv", "bwd_kernel", dict(backward, WITH_DQ=True, HAS_INITIAL_STATE=True, HAS_DFINAL_STATE=True,
-                                               STORE_DINITIAL_STATE=True, STORE_DB=plan.data_dependent, STATE_ONLY=False)),
-        ("bwd dq | dS", "bwd_kernel", dict(backward, WITH_DQ=True, HAS_INITIAL_STATE=True, HAS_DFINAL_STATE=False,
-                                            STORE_DINITIAL_STATE=True, STORE_DB=plan.data_dependent, STATE_ONLY=True)),
-        ("bwd dk dv", "bwd_kernel", dict(backward, WITH_DQ=False, HAS_INITIAL_STATE=False, HAS_DFINAL_STATE=True,
-                                          STORE_DINITIAL_STATE=False, STORE_DB=plan.data_dependent, STATE_ONLY=False)),
+        ("bwd dq", "bwd_dq_kernel", dict(backward, HAS_INITIAL_STATE=True, STORE_DB=plan.data_dependent)),
+        ("bwd dk dv", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False,
+                                             STORE_DB=plan.data_dependent, STATE_ONLY=False)),
+        ("bwd dk dv (state only)", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True,
+                                                          STORE_DB=False, STATE_ONLY=True)),
     ]
     if plan.decay == "per_channel":  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
-                    for label, name, constexprs in kernels if label != "fwd (state only)"]
+                    for label, name, constexprs in kernels if "state only" not in label]
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]

@@ -294,41 +294,14 @@ def _lightning_fwd_kernel(
 
 
 @triton.jit
-def _lightning_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, decay_ptr, db_q_ptr, db_k_ptr, decay_total_ptr, initial_state_ptr, dfinal_state_ptr,
-    dinitial_state_ptr, cu_seqlens, scale,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    WITH_DQ: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, HAS_DFINAL_STATE: tl.constexpr,
-    STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr, STATE_ONLY: tl.constexpr,
-):
-    """The backward sweeps of one (sequence or segment, head), in one launch so that they
-    run side by side: with WITH_DQ, programs (0, i) compute dq and programs (1, i) dk
-    and dv (see _lightning_bwd_dkv); without it, programs (0, i) compute dk and dv."""
-    if WITH_DQ and tl.program_id(0) == 0:
-        _lightning_bwd_dq(
-            q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_q_ptr, initial_state_ptr, cu_seqlens, scale,
-            H, HKV, D, E, BLOCK_T, BLOCK_D, BLOCK_E, PRECISION,
-            HAS_INITIAL_STATE, STORE_DB,
-        )
-    else:
-        _lightning_bwd_dkv(
-            q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_k_ptr, decay_total_ptr, dfinal_state_ptr,
-            dinitial_state_ptr, cu_seqlens, scale,
-            H, HKV, D, E, BLOCK_T, BLOCK_D, BLOCK_E, PRECISION,
-            HAS_DFINAL_STATE, STORE_DINITIAL_STATE, STORE_DB, STATE_ONLY,
-        )
-
-
-@triton.jit
-def _lightning_bwd_dq(
+def _lightning_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
-    i_e = 0
+    i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
     i_h = i_nh % H  # which query head
@@ -380,7 +353,7 @@ def _lightning_bwd_dq(
 
 
 @triton.jit
-def _lightning_bwd_dkv(
+def _lightning_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
@@ -393,7 +366,7 @@ def _lightning_bwd_dkv(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
-    i_e = 0
+    i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
     i_h = i_nh % H  # which query head
@@ -460,7 +433,7 @@ def _lightning_bwd_dkv(
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
     if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
-        tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len)
+        tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
 
 @triton.jit
@@ -692,40 +665,35 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
         segment_len = _lightning_backward_segment_length(config, bounds, H, q.device)
         if segment_len is not None:
             segments = _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, None, config)
-    store_db = needs_decay_grad
     if segments is None:
-        # dq (programs (0, i)) and dk, dv (programs (1, i)) side by side.
-        _launch(_lightning_bwd_kernel, (2, num_seqs * H),
-            q, k, v, do, dq, dk, dv, decay, db_q, db_k, None, initial_state, dfinal_state,
-            dinitial_state, cu_seqlens, scale,
-            WITH_DQ=True, HAS_INITIAL_STATE=initial_state is not None, HAS_DFINAL_STATE=dfinal_state is not None,
-            STORE_DINITIAL_STATE=initial_state is not None, STORE_DB=store_db, STATE_ONLY=False, **launch,
-        )
+        seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
+        num_segments = num_seqs
     else:
-        # dq from the states entering the segments, and beside it each segment's own
-        # dL/dS; a reverse scan carries dL/dS back across the segments the way the
-        # forward pass carried S across them; then dk and dv.
-        seq_cu, segment_starts, entering = segments
+        # Carry dL/dS back across segments the way the forward pass carried S across them.
+        seq_cu, segment_starts, seq_init = segments
         num_segments = seq_cu.numel() - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
-        _launch(_lightning_bwd_kernel, (2, num_segments * H),
-            q, k, v, do, dq, None, None, decay, db_q, None, decay_total, entering, None, dlocal,
-            seq_cu, scale,
-            WITH_DQ=True, HAS_INITIAL_STATE=True, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=store_db,
-            STATE_ONLY=True, **launch,
+        _launch(_lightning_bwd_dkv_kernel, (1, num_segments * H),
+            q, k, v, do, None, None, decay, None, decay_total, None, dlocal, seq_cu, scale,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
-        leaving = torch.empty_like(dlocal)  # dL/d(state leaving each segment)
+        seq_dfinal = torch.empty_like(dlocal)
         _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            dlocal, decay_total, dfinal_state, leaving, dinitial_state, segment_starts,
+            dlocal, decay_total, dfinal_state, seq_dfinal, dinitial_state, segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
-        _launch(_lightning_bwd_kernel, (1, num_segments * H),
-            q, k, v, do, None, dk, dv, decay, None, db_k, None, None, leaving, None, seq_cu, scale,
-            WITH_DQ=False, HAS_INITIAL_STATE=False, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False, STORE_DB=store_db,
-            STATE_ONLY=False, **launch,
-        )
+    grid = (1, num_segments * H)
+    _launch(_lightning_bwd_dq_kernel, grid,
+        q, k, v, do, dq, decay, db_q, seq_init, seq_cu, scale,
+        HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
+    )
+    _launch(_lightning_bwd_dkv_kernel, grid,
+        q, k, v, do, dk, dv, decay, db_k, None, seq_dfinal, dinitial_state, seq_cu, scale,
+        HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
+        STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
+    )
     if group > 1:
         dk = dk.view(N, H_kv, group, D).sum(2).to(k.dtype)
         dv = dv.view(N, H_kv, group, E).sum(2).to(v.dtype)
