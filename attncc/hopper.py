@@ -41,7 +41,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_sta
             signature[arg] = "constexpr"
         elif arg == "scale":
             signature[arg] = "fp32"
-        elif arg in ("cu_seqlens", "segment_starts"):
+        elif arg in ("cu_seqlens", "segment_starts", "exact_path_ptr"):
             signature[arg] = "*i32"
         elif arg == "segment_len":
             signature[arg] = "i32"

@@ -151,13 +151,36 @@ def test_per_channel_fast_and_exact_paths(decays, gated, dtype):
     gen = torch.Generator().manual_seed(0)
     shape = (2, 53, 2, 1, 16, 20)
     decay = decay_input(spec, 1, shape[1], shape[2], shape[3], shape[4], gen, extreme=decays).reshape(shape[1], 1, 16)
-    gentle_decay = getattr(module_for(spec), f"_{spec.name}_gentle_decay")
-    assert gentle_decay(decay, 16) == (decays == "gentle")
+    exact_path_flag = getattr(module_for(spec), f"_{spec.name}_exact_path_flag")
+    assert exact_path_flag(decay, 16).item() == (decays != "gentle")
     decay[37, 0, 5] = float("nan")
-    assert not gentle_decay(decay, 16)  # NaN takes the exact path
+    assert exact_path_flag(decay, 16).item() == 1  # NaN takes the exact path
     tol = None if dtype == torch.float32 else 2e-2
     for segment in [(None, None, 16), (16, 32, 16)]:
         check_against_reference(spec, shape, 7, dtype, True, False, extreme=decays, tol=tol, segment=segment)
+
+
+def test_per_channel_path_flag_lets_one_launch_write(monkeypatch):
+    """Each path-dependent per-channel kernel is launched on both paths, and the device
+    flag must make the unselected launch return without writing: forcing the flag to
+    the fast path on decays it cannot represent (e^-1600 within a chunk) must show in o,
+    not be overwritten by the exact launch that follows it."""
+    from attncc.ir import AttentionSpec
+
+    spec = AttentionSpec(name="flag_channel", decay=Decay.PER_CHANNEL, chunk=16)
+    module = module_for(spec)
+    fn, reference, _ = call_args(module, spec)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=gen).to(DEVICE) for _ in range(3))
+    g = -torch.rand(1, 48, 2, 16, generator=gen) * 0.1
+    g[:, 16:32, :, :3] = -100.0
+    g = g.to(DEVICE)
+    expected = reference(*(x.double() for x in (q, k, v, g)))[0]
+    assert rel_error(fn(q, k, v, g)[0], expected) < TOLERANCE[torch.float32]  # the exact path
+    fast_only = lambda decay, chunk: torch.zeros(1, dtype=torch.int32, device=decay.device)  # noqa: E731
+    monkeypatch.setattr(module, f"_{spec.name}_exact_path_flag", fast_only)
+    forced = fn(q, k, v, g)[0].double().cpu()
+    assert not torch.allclose(forced, expected.cpu(), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -243,7 +243,7 @@ def _gla_gate_backward(x):
 @triton.jit
 def _gla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, cu_seqlens, scale,
+    segment_states_ptr, segment_starts, segment_len, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
@@ -257,6 +257,10 @@ def _gla_fwd_kernel(
     STORE_SEGMENT_STATES on it also stores the state entering every segment_len
     tokens (segment_starts[n] numbers sequence n's first), for a backward pass
     that cuts the sequences into segments."""
+    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
+        take_fast_path = tl.load(exact_path_ptr) == 0
+        if take_fast_path != FAST_PATH:
+            return
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -358,13 +362,17 @@ def _gla_fwd_kernel(
 
 @triton.jit
 def _gla_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
+    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
+        take_fast_path = tl.load(exact_path_ptr) == 0
+        if take_fast_path != FAST_PATH:
+            return
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -459,7 +467,7 @@ def _gla_bwd_dq_kernel(
 @triton.jit
 def _gla_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
-    cu_seqlens, scale,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
@@ -471,6 +479,10 @@ def _gla_bwd_dkv_kernel(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
+    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
+        take_fast_path = tl.load(exact_path_ptr) == 0
+        if take_fast_path != FAST_PATH:
+            return
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -634,13 +646,13 @@ def _gla_decay_grad_kernel(
 
 
 @triton.jit
-def _gla_decay_extent_kernel(x_ptr, widest_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """How far the log decay of any window of CHUNK tokens can move one key channel.
+def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Set *exact_path_ptr to 1 if the log decay of some window of CHUNK tokens moves a key
+    channel by more than 40 either way (or is NaN).
 
     Every such window, wherever its sequence starts, lies within two neighbouring
     blocks of CHUNK tokens, and the sums of the negative and of the positive log
-    decays over both bound its own. One program per (block, tile of channels)
-    stores the largest of those sums over its channels (inf if any is NaN)."""
+    decays over both bound its own. One program per (block, tile of channels)."""
     rows = tl.program_id(0) * CHUNK + tl.arange(0, 2 * CHUNK)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
@@ -649,8 +661,8 @@ def _gla_decay_extent_kernel(x_ptr, widest_ptr, tokens, COLUMNS: tl.constexpr, C
     falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
     rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
     widest = tl.max(tl.maximum(falls, rises), axis=0)
-    widest = tl.where(tl.sum((g != g).to(tl.int32), axis=1).sum(axis=0) > 0, float("inf"), widest)
-    tl.store(widest_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), widest)
+    has_nan = tl.sum((g != g).to(tl.int32), axis=1).sum(axis=0) > 0
+    tl.atomic_max(exact_path_ptr, ((widest > 40.0) | has_nan).to(tl.int32))
 
 
 @triton.jit
@@ -775,7 +787,7 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
         H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
         BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
-        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # launches on the fast path override it
+        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # see _gla_launch_on_both_paths
     )
 
 
@@ -790,7 +802,7 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q, k, v, None, decay, decay_total, None, local, None, None, 0, segment_cu, 1.0,
+        q, k, v, None, decay, decay_total, None, local, None, None, 0, None, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
@@ -811,22 +823,29 @@ def _gla_backward_segment_length(config, bounds, heads, device):
     return _segment_length(config["bwd_segment"], bounds, (len(bounds) - 1) * heads, chunk, device, forward=False)
 
 
-def _gla_gentle_decay(decay, chunk):
-    """True when no chunk can decay (or grow) a key channel by a factor beyond e^40, so
-    this call's kernels may take the one-block fast path. Costs one host sync; while
-    a CUDA graph is being captured (no syncs allowed) it answers False, the exact path."""
-    if decay.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
+def _gla_exact_path_flag(decay, chunk):
+    """One int32 on the device: 0 when no chunk can decay (or grow) a key channel by a
+    factor beyond e^40, so that this call's kernels may take the one-block fast path;
+    1 otherwise, NaN decays included. The host never reads it (no sync, so CUDA graphs
+    capture the choice too): see _gla_launch_on_both_paths."""
     tokens, columns = decay.shape[0], decay[0].numel()
     block_c = min(64, _block(columns))
-    widest = torch.empty(_cdiv(tokens, chunk), _cdiv(columns, block_c), dtype=torch.float32,
-                         device=decay.device)
-    _gla_decay_extent_kernel[widest.shape](decay, widest, tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c)
-    return bool(widest.max() <= 40.0)  # NaN decays come back as inf: the exact path
+    flag = torch.zeros(1, dtype=torch.int32, device=decay.device)
+    _gla_decay_extent_kernel[(_cdiv(tokens, chunk), _cdiv(columns, block_c))](
+        decay, flag, tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c,
+    )
+    return flag
+
+
+def _gla_launch_on_both_paths(kernel, grid, *args, **meta):
+    """Launch a kernel whose work depends on the path twice, fast and exact: the flag
+    among args makes the programs of the launch it does not select return at once."""
+    _launch(kernel, grid, *args, **dict(meta, FAST_PATH=True))
+    _launch(kernel, grid, *args, **dict(meta, FAST_PATH=False))
 
 
 def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
-                    needs_grad, fast_path):
+                    needs_grad, exact_path):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
 
     When (sequence, head, value block) programs are too few to fill the GPU, the
@@ -835,7 +854,9 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
     Otherwise, when needs_grad and the backward pass will cut the sequences, the
     one launch also stores the states entering the backward's segments.
     Returns (o, final state, segments: (segment_cu, segment_starts, entering
-    states) or None). store_output=False computes the final states alone (no o).    fast_path: see _gla_gentle_decay."""
+    states) or None). store_output=False computes the final states alone (no o).
+    exact_path: see _gla_exact_path_flag.
+    """
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
@@ -852,7 +873,6 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     launch = _gla_launch_args(q, k, v, config, config["block_e"])
-    launch.update(FAST_PATH=fast_path)
     if segment_len is None:
         segments = entering = segment_starts = None
         bwd_segment_len = _gla_backward_segment_length(config, bounds, H, q.device) if needs_grad else None
@@ -860,24 +880,24 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
             segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
             entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
             segments = (segment_cu, segment_starts, entering)
-        _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_seqs * H),
+        _gla_launch_on_both_paths(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_seqs * H),
             q, k, v, o, decay, None, initial_state, final_state,
-            entering, segment_starts, bwd_segment_len or 0, cu_seqlens, scale,
+            entering, segment_starts, bwd_segment_len or 0, exact_path, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
             STORE_SEGMENT_STATES=segments is not None, **launch,
         )
         return o, final_state, segments
     segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering = segments
-    _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
-        q, k, v, o, decay, None, entering, None, None, None, 0, segment_cu, scale,
+    _gla_launch_on_both_paths(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
+        q, k, v, o, decay, None, entering, None, None, None, 0, exact_path, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
     )
     return o, final_state, segments
 
 
 def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, final_state, segments, do, dfinal_state,
-                     needs_decay_grad, fast_path):
+                     needs_decay_grad, exact_path):
     N, H, D = q.shape
     H_kv, E = k.shape[1], v.shape[2]
     group = H // H_kv
@@ -893,7 +913,6 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
-    launch.update(FAST_PATH=fast_path)  # the path the forward launch took
     if segments is None:
         # The backward kernels run one program per (segment, head): cut long sequences
         # here when the forward pass did not (it computed the final states alone).
@@ -910,7 +929,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q, k, v, do, None, None, decay, None, decay_total, None, dlocal, seq_cu, scale,
+            q, k, v, do, None, None, decay, None, decay_total, None, dlocal, None, seq_cu, scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
@@ -920,12 +939,12 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
-    _launch(_gla_bwd_dq_kernel, grid,
-        q, k, v, do, dq, decay, db_q, seq_init, seq_cu, scale,
+    _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
+        q, k, v, do, dq, decay, db_q, seq_init, exact_path, seq_cu, scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
-    _launch(_gla_bwd_dkv_kernel, grid,
-        q, k, v, do, dk, dv, decay, db_k, None, seq_dfinal, dinitial_state, seq_cu, scale,
+    _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
+        q, k, v, do, dk, dv, decay, db_k, None, seq_dfinal, dinitial_state, exact_path, seq_cu, scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
@@ -958,12 +977,12 @@ class _gla_Function(torch.autograd.Function):
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
         decay = decay.reshape(B * T, *decay.shape[2:]).contiguous()
-        # One check of the decays (one host sync) picks the fast or exact kernels, forward and backward.
+        # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
         config = _gla_config(D, E)
-        ctx.fast_path = fast_path = _gla_gentle_decay(decay, max(config["chunk"], config["bwd_chunk"]))
+        ctx.exact_path = exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
         needs_grad = any(ctx.needs_input_grad[:5])
         o, final_state, segments = _gla_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad, fast_path
+            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad, exact_path
         )
         ctx.segments = segments
         if o is None:  # state only: o stays unused, and its gradient is zero
@@ -983,7 +1002,7 @@ class _gla_Function(torch.autograd.Function):
             dfinal_state = dfinal_state.contiguous()
         dq, dk, dv, ddecay, dinitial_state = _gla_backward(
             q, k, v, decay, initial_state, cu_seqlens, ctx.bounds, ctx.scale, final_state, ctx.segments, do,
-            dfinal_state, needs_decay_grad=ctx.needs_input_grad[3], fast_path=ctx.fast_path,
+            dfinal_state, needs_decay_grad=ctx.needs_input_grad[3], exact_path=ctx.exact_path,
         )
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])

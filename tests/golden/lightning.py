@@ -602,7 +602,8 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
     Otherwise, when needs_grad and the backward pass will cut the sequences, the
     one launch also stores the states entering the backward's segments.
     Returns (o, final state, segments: (segment_cu, segment_starts, entering
-    states) or None). store_output=False computes the final states alone (no o)."""
+    states) or None). store_output=False computes the final states alone (no o).
+    """
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = len(bounds) - 1
