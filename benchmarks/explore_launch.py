@@ -4,9 +4,8 @@
     python benchmarks/explore_launch.py --step --configs '[{}, {"bwd_chunk": 32}]'
 
 For each decay and config: the eager forward (no autograd; with --step, forward
-and backward) and the replay of a captured graph, i.e. GPU time alone, except
-for per-channel decay (whose fast path needs a host check that graph capture
-skips). Used to choose launch defaults; the timings to quote come from bench.py.
+and backward) and the replay of a captured graph, i.e. GPU time alone. Used to
+choose launch defaults; the timings to quote come from bench.py.
 """
 
 import argparse
@@ -71,9 +70,7 @@ def main() -> int:
                             fn(*inputs, scale=args.dim**-0.5)
 
                 eager = triton.testing.do_bench(forward, warmup=25, rep=200, return_mode="median")
-                graph = float("nan")
-                if decay != "per_channel":
-                    graph = triton.testing.do_bench_cudagraph(forward, rep=200, return_mode="median")
+                graph = triton.testing.do_bench_cudagraph(forward, rep=200, return_mode="median")
                 print(f"{decay:12s} ({B},{T}) {label:55s} eager {eager:7.3f}  graph {graph:7.3f} ms  vs defaults {diff:.1e}",
                       flush=True)
             except Exception as error:

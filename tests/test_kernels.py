@@ -150,7 +150,7 @@ def test_per_channel_fast_and_exact_paths(decays, gated, dtype):
     # so this draw stands for the one check_against_reference makes below.
     gen = torch.Generator().manual_seed(0)
     shape = (2, 53, 2, 1, 16, 20)
-    decay = decay_input(spec, 1, shape[1], shape[2], shape[3], shape[4], gen, extreme=decays).reshape(shape[1], 1, 16)
+    decay = decay_input(spec, 1, shape[1], shape[2], shape[3], shape[4], gen, extreme=decays).reshape(shape[1], 1, 16).to(DEVICE)
     exact_path_flag = getattr(module_for(spec), f"_{spec.name}_exact_path_flag")
     assert exact_path_flag(decay, 16).item() == (decays != "gentle")
     decay[37, 0, 5] = float("nan")
