@@ -208,3 +208,28 @@ def test_launch_retries_with_fewer_stages_and_remembers():
     assert tried == [3, 2, 1, 1]  # remembered
     with pytest.raises(triton.runtime.errors.OutOfResources):
         module._launch(Kernel(fits=0), (1,), x, num_stages=2, BLOCK=32)
+
+
+def test_forward_stores_backward_segment_states_only_when_a_backward_can_follow(monkeypatch):
+    """The forward pass stores the states entering the backward's segments (saving the
+    backward a pass); under no_grad, or without inputs that need gradients, it must not
+    (ctx.needs_input_grad reads True under no_grad, so the wrapper decides before apply)."""
+    spec = AttentionSpec(name="segment_states_probe", decay=Decay.PER_HEAD, chunk=16)
+    module = module_for(spec)
+    monkeypatch.setitem(module.TUNED_CONFIGS, (spec.name, 20, 24), {"bwd_segment": 16, "bwd_chunk": 16})
+    asked = []
+    segment_length = module._segment_states_probe_backward_segment_length
+    monkeypatch.setattr(module, "_segment_states_probe_backward_segment_length",
+                        lambda *args: asked.append(args) or segment_length(*args))
+    q, k, v, slope = _inputs(spec)
+    fn = getattr(module, spec.name)
+    fn(q, k, v, slope)
+    with torch.no_grad():
+        fn(*(x.requires_grad_() for x in (q, k, v)), slope)
+    assert asked == []
+    o, _ = fn(q, k, v, slope)
+    assert len(asked) == 1 and asked[0][0]["bwd_segment"] == 16
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert len(asked) == 1  # the backward used the forward's segments
+    expected = torch.autograd.grad(module.segment_states_probe_reference(q, k, v, slope)[0].sum(), (q, k, v))
+    assert all(rel_error(a, b) < 1e-4 for a, b in zip(grads, expected, strict=True))

@@ -972,7 +972,8 @@ class _gla_Function(torch.autograd.Function):
     """Differentiable through q, k, v, gate_input and initial_state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
+                needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
@@ -980,7 +981,6 @@ class _gla_Function(torch.autograd.Function):
         # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
         config = _gla_config(D, E)
         ctx.exact_path = exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
-        needs_grad = any(ctx.needs_input_grad[:5])
         o, final_state, segments = _gla_forward(
             q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad, exact_path
         )
@@ -1007,7 +1007,7 @@ class _gla_Function(torch.autograd.Function):
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]), dv.view(B, T, *dv.shape[1:]),
-                ddecay, dinitial_state, None, None, None, None, None)
+                ddecay, dinitial_state, None, None, None, None, None, None)
 
 
 def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -1035,8 +1035,12 @@ def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
     outputs and returns (None, final state): the first pass of gla_sp."""
     B, T, H, H_kv, D, E, starts, bounds = _gla_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
     scale = _resolve_scale(scale, None, D)
+    # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
+    )
     o, final_state = _gla_Function.apply(
-        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output
+        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output, needs_grad
     )
     if not store_output:
         return None, final_state

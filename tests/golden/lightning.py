@@ -720,12 +720,12 @@ class _lightning_Function(torch.autograd.Function):
     """Differentiable through q, k, v, slope and initial_state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output):
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
+                needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
         decay = decay.to(torch.float32).contiguous()
-        needs_grad = any(ctx.needs_input_grad[:5])
         o, final_state, segments = _lightning_forward(
             q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad
         )
@@ -750,7 +750,7 @@ class _lightning_Function(torch.autograd.Function):
             dfinal_state, needs_decay_grad=ctx.needs_input_grad[3],
         )
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]), dv.view(B, T, *dv.shape[1:]),
-                ddecay, dinitial_state, None, None, None, None, None)
+                ddecay, dinitial_state, None, None, None, None, None, None)
 
 
 def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -778,8 +778,12 @@ def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu
     outputs and returns (None, final state): the first pass of lightning_sp."""
     B, T, H, H_kv, D, E, starts, bounds = _lightning_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
     scale = _resolve_scale(scale, 1.0, D)
+    # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
+    )
     o, final_state = _lightning_Function.apply(
-        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output
+        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output, needs_grad
     )
     if not store_output:
         return None, final_state
