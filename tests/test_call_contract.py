@@ -1,0 +1,93 @@
+"""What a call promises beyond its values: dtypes it runs in, what autograd may ask of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernelkit import DEVICE, TOLERANCE, decay_input, module_for, rel_error
+
+from attncc import expr as ex
+from attncc.ir import AttentionSpec, Decay, X
+
+SPECS = {
+    "none": AttentionSpec("contract_none", chunk=16),
+    "per_head": AttentionSpec("contract_head", decay=Decay.PER_HEAD, chunk=16),
+    "per_token": AttentionSpec("contract_token", decay=Decay.PER_TOKEN, gate=ex.logsigmoid(X) / 16, chunk=16),
+    "per_channel": AttentionSpec("contract_channel", decay=Decay.PER_CHANNEL, chunk=16),
+    "noncausal": AttentionSpec("contract_nc", causal=False, chunk=16),
+}
+
+
+def _inputs(spec, B=2, T=21, H=2, H_kv=1, D=8, E=12, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen)
+    k = torch.randn(B, T, H_kv, D, generator=gen)
+    v = torch.randn(B, T, H_kv, E, generator=gen)
+    decay = decay_input(spec, B, T, H, H_kv, D, gen)
+    if decay is not None and decay.dim() > 1:
+        decay = decay.to(dtype)
+    inputs = [x.to(dtype) for x in (q, k, v)] + ([] if decay is None else [decay])
+    return [x.to(DEVICE).requires_grad_() for x in inputs]
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_double_backward_is_refused(kind):
+    """A gradient penalty through NAME once returned second-order gradients 100 % off, without
+    an error: the backward kernels are not differentiable. create_graph=True must raise, both
+    when the incoming gradient has a history (o.square()) and when it does not (o.sum(): the
+    case @once_differentiable lets through silently); plain gradients still work."""
+    spec = SPECS[kind]
+    fn = getattr(module_for(spec), spec.name)
+    q, k, v, *decay = _inputs(spec, T=5)
+    for loss in (lambda o: o.square().sum(), lambda o: o.sum()):
+        o, _ = fn(q, k, v, *decay)
+        with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+            torch.autograd.grad(loss(o), q, create_graph=True)
+    (dq,) = torch.autograd.grad(fn(q, k, v, *decay)[0].sum(), q)
+    assert dq.shape == q.shape and torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_half_precision_matches_the_reference(kind, dtype):
+    """bf16 through the CPU interpreter once gave |o| ~ 4e9 (its bf16 tl.dot); fp16 and bf16
+    must both land within the bf16 bound of the float64 reference of the same rounded inputs."""
+    spec = SPECS[kind]
+    module = module_for(spec)
+    fn, reference = getattr(module, spec.name), getattr(module, f"{spec.name}_reference")
+    ours = _inputs(spec, dtype=dtype, seed=5)
+    theirs = [x.detach().double().requires_grad_() for x in ours]
+    initial = torch.randn(2, 2, 8, 12).to(DEVICE).requires_grad_() if spec.causal else None
+    initial_ref = None if initial is None else initial.detach().double().requires_grad_()
+    o, state = fn(*ours, initial_state=initial, output_final_state=True)
+    o_ref, state_ref = reference(*theirs, initial_state=initial_ref, output_final_state=True)
+    assert o.dtype == dtype and state.dtype == torch.float32
+    gen = torch.Generator().manual_seed(9)
+    do, dstate = torch.randn(o.shape, generator=gen).to(DEVICE), torch.randn(state.shape, generator=gen).to(DEVICE)
+    ((o.float() * do).sum() + (state * dstate).sum()).backward()
+    ((o_ref * do.double()).sum() + (state_ref * dstate.double()).sum()).backward()
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel_error(o, o_ref) < tol, "o"
+    assert rel_error(state, state_ref) < tol, "final_state"
+    for name, a, b in zip(["dq", "dk", "dv", "d_decay"], ours, theirs, strict=False):
+        assert a.grad.dtype == a.dtype, f"{name} has dtype {a.grad.dtype}, input {a.dtype}"
+        err = rel_error(a.grad, b.grad, floor=1.0 if name == "d_decay" else 1e-1)
+        assert err < (10 * tol if name == "d_decay" else tol), f"{name}: {err:.2e}"
+    if initial is not None:
+        assert rel_error(initial.grad, initial_ref.grad) < tol, "d_initial_state"
+
+
+@pytest.mark.parametrize("kind", ["per_head", "per_token"])
+def test_half_precision_step_matches_the_reference(kind):
+    spec = SPECS[kind]
+    module = module_for(spec)
+    step, reference = getattr(module, f"{spec.name}_step"), getattr(module, f"{spec.name}_reference")
+    q, k, v, decay = (x.detach() for x in _inputs(spec, T=1, dtype=torch.bfloat16, seed=8))
+    state = torch.randn(2, 2, 8, 12).to(DEVICE)
+    step_decay = decay if decay.dim() == 1 else decay[:, 0]
+    o_t, new_state = step(q[:, 0], k[:, 0], v[:, 0], state, step_decay)
+    o_ref, state_ref = reference(*(x.double() for x in (q, k, v, decay)), initial_state=state.double(),
+                                 output_final_state=True)
+    assert o_t.dtype == torch.bfloat16
+    assert rel_error(o_t, o_ref[:, 0]) < TOLERANCE[torch.bfloat16]
+    assert rel_error(new_state, state_ref) < TOLERANCE[torch.bfloat16]
