@@ -63,6 +63,14 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _kernel_dtype(dtype, device):
+    """The dtype the kernels read a floating input in: its own, except bf16 off the GPU.
+    Triton's CPU interpreter computes bf16 tl.dot wrongly (|o| ~ 7e9 where the answer is
+    ~10), so there bf16 inputs run in float32 and results are rounded back to bf16.
+    (fp16 it computes correctly, so fp16 keeps running its own kernels.)"""
+    return torch.float32 if dtype == torch.bfloat16 and device.type != "cuda" else dtype
+
+
 def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.float32)):
     """Raise ValueError unless x is a tensor of len(layout) dims with an allowed dtype."""
     if not isinstance(x, torch.Tensor):
@@ -88,7 +96,7 @@ def _check_device(device, **tensors):
 
 @functools.lru_cache(maxsize=64)
 def _equal_sequence_starts(batch, length, device):
-    bounds = list(range(0, (batch + 1) * length, length))
+    bounds = [i * length for i in range(batch + 1)]  # B = 0 gives [0], T = 0 gives [0, 0, ...]
     return torch.tensor(bounds, dtype=torch.int32, device=device), bounds
 
 
@@ -113,8 +121,12 @@ def _sequence_starts(cu_seqlens, batch, length, device):
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
-    if any(bounds[i + 1] <= bounds[i] for i in range(len(bounds) - 1)):
-        raise ValueError("cu_seqlens must be strictly increasing (every sequence holds at least one token)")
+    if any(bounds[i + 1] < bounds[i] for i in range(len(bounds) - 1)):
+        raise ValueError(
+            "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
+            f"{bounds}"
+        )
+    # The kernels read it as a dense int32 array, whatever view the caller passed.
     return cu_seqlens.to(torch.int32).contiguous(), bounds
 
 
@@ -127,7 +139,7 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     under all of them for the backward pass. They are cut into as many segments as
     fit one wave: two forward programs per multiprocessor, one backward program
     (it holds the whole state). `requested` (a tuned config) overrides this."""
-    longest = max(bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1))
+    longest = max((bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)), default=0)
     if requested is not None:
         length = max(chunk, requested // chunk * chunk)
         return length if length < longest else None
@@ -767,8 +779,8 @@ def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
     _check_shape("v", v, (B, T, H_kv, E), ("B", "T", "H_kv", "E"))
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if T < 1 or H < 1 or H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"need T >= 1 and H_kv dividing H, got T = {T}, H = {H}, H_kv = {H_kv}")
+    if H < 1 or H_kv < 1 or H % H_kv != 0:
+        raise ValueError(f"need H, H_kv >= 1 and H_kv dividing H, got H = {H}, H_kv = {H_kv}")
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     _check_tensor("gate_input", gate_input, ("B", "T", "H_kv", "D"), (torch.float16, torch.bfloat16, torch.float32))
@@ -908,7 +920,9 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     dq = torch.empty_like(q)
     dk = torch.empty(N, H, D, dtype=kv_grad_dtype, device=q.device)
     dv = torch.empty(N, H, E, dtype=kv_grad_dtype, device=q.device)
-    dinitial_state = torch.empty_like(initial_state) if initial_state is not None else None
+    dinitial_state = None
+    if initial_state is not None:  # contiguous whatever the caller's initial state was: the kernels write it flat
+        dinitial_state = torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
     db_shape = (N, H, D)
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
@@ -968,16 +982,56 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     return dq, dk, dv, ddecay, dinitial_state
 
 
+def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
+    """_gla_Function.forward for a call without tokens (B = 0 or T = 0): no kernel runs.
+    The outputs are empty; every sequence's final state is its initial state (or zeros)."""
+    B, T, H, D = q.shape
+    E = v.shape[3]
+    ctx.no_tokens = True
+    ctx.save_for_backward(q, k, v, decay, initial_state)
+    o = torch.zeros(B, T, H, E, dtype=q.dtype, device=q.device)
+    final_state = None
+    if output_final_state:
+        if initial_state is not None:
+            final_state = initial_state.clone()
+        else:
+            final_state = torch.zeros(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
+    return o, final_state
+
+
+def _gla_no_tokens_backward(ctx, dfinal_state):
+    """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
+    q, k, v, decay, initial_state = ctx.saved_tensors
+    zeros = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    dinitial_state = zeros(initial_state)
+    if initial_state is not None and dfinal_state is not None:
+        dinitial_state = dfinal_state.to(torch.float32).contiguous()
+    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None
+
+
 class _gla_Function(torch.autograd.Function):
-    """Differentiable through q, k, v, gate_input and initial_state."""
+    """Differentiable through q, k, v, gate_input and initial_state, once: the backward
+    is not itself differentiable, so a backward with create_graph=True (the first step of a
+    second-order gradient, a gradient penalty say) raises instead of giving wrong values."""
 
     @staticmethod
     def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
                 needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
-        q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
-        decay = decay.reshape(B * T, *decay.shape[2:]).contiguous()
+        # The gradients go back in the inputs' dtypes (the kernels may run in another one).
+        ctx.input_dtypes = (q.dtype, None if decay is None else decay.dtype)
+        if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
+            initial_state = initial_state.contiguous()
+        if B * T == 0:
+            return _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, len(bounds) - 1, output_final_state)
+        ctx.no_tokens = False
+        # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
+        # transposed storage, a broadcast), and in the dtype the kernels run in.
+        dtype = _kernel_dtype(q.dtype, q.device)
+        q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v))
+        decay = decay.reshape(B * T, *decay.shape[2:])
+        decay = decay.to(_kernel_dtype(decay.dtype, decay.device)).contiguous()
         # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
         config = _gla_config(D, E)
         ctx.exact_path = exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
@@ -991,10 +1045,23 @@ class _gla_Function(torch.autograd.Function):
         ctx.bounds = bounds
         ctx.scale = scale
         ctx.batch = (B, T)
+        o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
         return o.view(B, T, H, E), final_state if output_final_state else None
 
     @staticmethod
     def backward(ctx, do, dfinal_state):
+        # Grad mode is on here exactly when the caller asked for create_graph=True. Refuse then,
+        # not later: @once_differentiable only raises if the gradient is differentiated through
+        # its error node, and autograd.grad(penalty, params) skips that node when do does not
+        # require grad (loss = o.sum()), silently leaving the second-order terms out.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gla: second-order gradients are not supported (its backward kernels are not "
+                "differentiable), so a backward with create_graph=True through gla would give wrong "
+                "values; compute first-order gradients only (create_graph=False)"
+            )
+        if ctx.no_tokens:
+            return _gla_no_tokens_backward(ctx, dfinal_state)
         q, k, v, decay, initial_state, cu_seqlens, final_state = ctx.saved_tensors
         B, T = ctx.batch
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
@@ -1006,8 +1073,10 @@ class _gla_Function(torch.autograd.Function):
         )
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])
-        return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]), dv.view(B, T, *dv.shape[1:]),
-                ddecay, dinitial_state, None, None, None, None, None, None)
+        if ddecay is not None:
+            ddecay = ddecay.to(ctx.input_dtypes[1])
+        dq, dk, dv = (x.view(B, T, *x.shape[1:]).to(ctx.input_dtypes[0]) for x in (dq, dk, dv))
+        return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None
 
 
 def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -1022,6 +1091,12 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
         initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
         output_final_state: also return the float32 [N, H, D, E] state after the last token.
         cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+
+    Any memory layout is accepted (slices of a cache, transposed or broadcast views); the
+    kernels get dense copies where needed, and o, states and gradients come back contiguous.
+    B = 0, T = 0 and empty sequences (repeated cu_seqlens boundaries) are allowed: they have
+    no outputs, and a sequence without tokens keeps its initial state (or zeros).
+    Gradients are first order only: a backward with create_graph=True through it raises.
 
     Returns:
         (o [B, T, H, E], final_state or None)
@@ -1054,6 +1129,7 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     """
     _gla_check_arguments(unexpected, gate_input)
     _check_tensor("q_t", q_t, ("B", "H", "D"))
+    out_dtype = q_t.dtype
     _check_tensor("k_t", k_t, ("B", "H_kv", "D"))
     _check_tensor("v_t", v_t, ("B", "H_kv", "E"))
     B, H, D = q_t.shape
@@ -1066,17 +1142,24 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
     _check_tensor("gate_input", gate_input, ("B", "H_kv", "D"))
     _check_shape("gate_input", gate_input, (B, H_kv, D), ("B", "H_kv", "D"))
-    decay = gate_input.contiguous()
+    decay = gate_input.to(_kernel_dtype(gate_input.dtype, gate_input.device)).contiguous()
     _check_device(q_t.device, k_t=k_t, v_t=v_t, state=state, gate_input=gate_input)
     scale = _resolve_scale(scale, None, D)
     E_state = v_t.shape[2]
-    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
-    new_state = torch.empty_like(state)
-    block_e = min(_block(E_state), 64)
-    _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
-        q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), decay, state.contiguous(), o_t, new_state, scale,
-        H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
-    )
+    # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
+    # the kernels cannot run their dtype), and the new state is allocated contiguous
+    # (empty_like would copy a transposed state's strides, and the kernel writes it flat).
+    dtype = _kernel_dtype(q_t.dtype, q_t.device)
+    q_t, k_t, v_t = (x.to(dtype).contiguous() for x in (q_t, k_t, v_t))
+    o_t = torch.empty(B, H, E_state, dtype=dtype, device=q_t.device)
+    new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
+    if B > 0:  # an empty batch launches nothing
+        block_e = min(_block(E_state), 64)
+        _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
+            q_t, k_t, v_t, decay, state.contiguous(), o_t, new_state, scale,
+            H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+        )
+    o_t = o_t.to(out_dtype)
     return o_t, new_state
 
 
