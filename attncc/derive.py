@@ -24,6 +24,10 @@ from attncc.ir import (
 
 L2NORM_EPS = 1e-6  # inside the square root of l2norm, as fla does
 NORMALIZER_EPS = 1e-6  # o = num / (den + eps) with normalize = true
+# Log decays below this are raised to it: e^-100 (4e-44) is under float32's smallest normal
+# number, so the state is wiped (a reset, as g = -inf means), while cumulative sums of log
+# decays stay finite and precise (-inf - -inf would be NaN; -1e30 would swamp a sum).
+LOG_DECAY_FLOOR = -100.0
 # Launch defaults when the spec says `chunk = auto` and nothing is tuned: picked from
 # sweeps on an H100 at (B, T) = (2, 4096) and (1, 16384), H = 16, D = E = 128 (benchmarks/NOTES.md).
 DEFAULT_CHUNK = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 64}

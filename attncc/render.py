@@ -8,7 +8,7 @@ import pprint
 import jinja2
 
 from attncc import __version__
-from attncc.derive import L2NORM_EPS, NORMALIZER_EPS, KernelPlan, plan
+from attncc.derive import L2NORM_EPS, LOG_DECAY_FLOOR, NORMALIZER_EPS, KernelPlan, plan
 from attncc.ir import AttentionSpec, SpecFile
 from attncc.resources import resource_dir
 
@@ -69,6 +69,7 @@ def render_module(
         configs_literal=pprint.pformat(tuned_configs or {}, width=90, sort_dicts=True),
         l2norm_eps=L2NORM_EPS,
         normalizer_eps=NORMALIZER_EPS,
+        log_decay_floor=LOG_DECAY_FLOOR,
     )
     # Collapse runs of blank lines the templates' conditionals leave behind.
     lines, blank = [], 0

@@ -33,6 +33,8 @@ import triton.language as tl  # noqa: E402
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "f77e3412cb2b0e10"
 SPEC_SOURCE = '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\nattention gla {\n    feature_map = identity\n    decay       = per_channel\n    gate        = logsigmoid(x) / 16\n    chunk       = 64\n    scale       = auto\n}\n'
+# Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
+LOG_DECAY_FLOOR = -100.0
 
 # Launch parameters per (spec, D, E), measured by `attncc tune` (read from spec.attn.tuned.json).
 TUNED_CONFIGS = {}
@@ -214,6 +216,42 @@ def _resolve_scale(scale, default, head_dim):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return scale
 
+
+# Non-finite values stay causal: a NaN or inf in token t's key or value may reach only
+# the outputs of tokens >= t. Inside a chunk the causal mask's zeros would carry it to
+# earlier rows too (0 * inf = NaN in a product with the value tile), so a chunk whose
+# outputs come out non-finite is recomputed with those entries zeroed, and the rows at
+# and after each one are then marked NaN (the rest of the sequence sees it through the
+# state, as the token-by-token recurrence would).
+
+@triton.jit
+def _all_finite(tile):
+    """True when no entry of tile is NaN or ±inf (one sum; a sum that overflows only sends
+    the chunk down the careful path, which is right either way)."""
+    total = tl.sum(tl.sum(tile, axis=1), axis=0)
+    return (total == total) & (tl.abs(total) < float("inf"))
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """x with its NaN and ±inf entries replaced by 0."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _first_nonfinite_row(k, v, offs_t, BLOCK_T: tl.constexpr):
+    """Per value column: the first row of the chunk whose key (in any channel) or whose
+    value (in this column) is NaN or ±inf; BLOCK_T when there is none."""
+    key_bad = tl.max(tl.where(tl.abs(k) < float("inf"), 0, 1), axis=1)
+    bad = (key_bad[:, None] > 0) | ~(tl.abs(v.to(tl.float32)) < float("inf"))
+    return tl.min(tl.where(bad, offs_t[:, None], BLOCK_T), axis=0)
+
+
+@triton.jit
+def _mark_from(o, offs_t, first_bad):
+    """o with the rows at and after first_bad[column] set to NaN."""
+    return tl.where(offs_t[:, None] >= first_bad[None, :], float("nan"), o)
+
 # ---------------------------------------------------------------------------
 # gla
 # ---------------------------------------------------------------------------
@@ -250,6 +288,14 @@ def _gla_gate(x):
 def _gla_gate_backward(x):
     """d/dx of the gate transform (derived by sympy)."""
     return _sigmoid(-x)/16.0
+
+
+@triton.jit
+def _gla_log_decay(x):
+    """Raw decay input -> log decay (gate transform logsigmoid(x)/16), raised to at least
+    LOG_DECAY_FLOOR = -100.0: a decay of e^-100 or less wipes the state (a reset)."""
+    g = _gla_gate(x)
+    return tl.where(g < -100.0, -100.0, g)  # NaN stays NaN
 
 
 @triton.jit
@@ -310,7 +356,7 @@ def _gla_fwd_kernel(
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_gate(x_g), 0.0)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if FAST_PATH:
@@ -324,6 +370,13 @@ def _gla_fwd_kernel(
                 scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
                 scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
                 o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+                if not _all_finite(o):  # rare: keep a NaN or inf away from earlier rows (see _all_finite)
+                    scores = tl.dot(q_from_start, tl.trans((_finite_or_zero(k) * tl.exp(-b)).to(split_dtype)),
+                                    input_precision=PRECISION)
+                    scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
+                    o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
+                    o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
+                    o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
                 tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
             # Keys taken back to the chunk start, then the whole state to its end: the
@@ -332,6 +385,10 @@ def _gla_fwd_kernel(
             state *= tl.exp(b_last[:, None])
         else:  # the exact path
             if STORE_OUTPUT:
+                # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+                first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
+                k_finite = _finite_or_zero(k)
+                v_finite = _finite_or_zero(v).to(dot_dtype)
                 for i in tl.static_range(BLOCK_T // SUB):
                     rows_i = start + i * SUB + offs_sub
                     mask_i = rows_i < seq_len
@@ -339,27 +396,28 @@ def _gla_fwd_kernel(
                     b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
                     x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                                    mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                     b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
                     x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
                     q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
                     # What the state carried in from earlier chunks contributes.
                     o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
                     if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                        k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                        k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
                         scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
                                         tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                        o_i += tl.dot(scores_before.to(dot_dtype), v, input_precision=PRECISION)
+                        o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
                     for s in range(0, SUB):  # the sub-block itself, one key row at a time
                         row_s = start + i * SUB + s
                         mask_s = mask_d[None, :] & (row_s < seq_len)
                         x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                        k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
+                        k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
                         v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
                                       mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
                         b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                         decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                        o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * v_s
+                        o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * _finite_or_zero(v_s)
+                    o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
                     tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                              (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
             # Carry the state to the end of this chunk.
@@ -417,7 +475,7 @@ def _gla_bwd_dq_kernel(
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_gate(x_g), 0.0)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if FAST_PATH:  # the chunk as one block, decays split at the chunk start
@@ -443,7 +501,7 @@ def _gla_bwd_dq_kernel(
                 b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
                 x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                                mask=mask_id, other=0.0).to(tl.float32)
-                g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                 b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
                 x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
                                mask=mask_id, other=0.0).to(tl.float32)
@@ -530,7 +588,7 @@ def _gla_bwd_dkv_kernel(
         do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_gate(x_g), 0.0)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         decay_total += b_last
@@ -571,7 +629,7 @@ def _gla_bwd_dkv_kernel(
                     b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
                     x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                                    mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_gate(x_gi), 0.0)
+                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                     b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
                     x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                                    mask=mask_id, other=0.0).to(tl.float32)
@@ -653,6 +711,8 @@ def _gla_decay_grad_kernel(
         dg = tl.cumsum(db, axis=0, reverse=True) + acc[None, :]
         acc += tl.sum(db, axis=0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # A log decay raised to LOG_DECAY_FLOOR (a reset) does not move with its input.
+        dg = tl.where(_gla_gate(x) < -100.0, 0.0, dg)
         dg = dg * (_gla_gate_backward(x))
         tl.store(dx_ptr + offs, dg.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -669,7 +729,7 @@ def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexp
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(mask, _gla_gate(x), 0.0)
+    g = tl.where(mask, _gla_log_decay(x), 0.0)
     falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
     rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
     widest = tl.max(tl.maximum(falls, rises), axis=0)
@@ -738,7 +798,7 @@ def _gla_step_kernel(
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
     x_g = tl.load(decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0).to(tl.float32)
-    state *= tl.exp(_gla_gate(x_g))
+    state *= tl.exp(_gla_log_decay(x_g))
     state += tl.trans(k) * v
     o = tl.sum(tl.trans(q) * state, axis=0) * scale
     tl.store(o_ptr + (i_b * H + i_h) * E + offs_e, o.to(o_ptr.dtype.element_ty), mask=mask_e)
@@ -1239,17 +1299,24 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
     k = _gla_k_map_reference(k).repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     # Cumulative log decay from the sequence start to each position: [B, T, H(, D)].
-    log_decay = _gla_gate_reference(gate_input).to(q.dtype).repeat_interleave(group, dim=2)
+    log_decay = _gla_log_decay_reference(gate_input.to(q.dtype)).repeat_interleave(group, dim=2)
+    # A NaN or inf in token s's key or value reaches the outputs of tokens t >= s only, as
+    # in the token-by-token recurrence: zeroed in the products over pairs (where the causal
+    # mask's zeros would spread it: 0 * inf = NaN), and the outputs it reaches marked NaN.
+    reached = (~torch.isfinite(v) | ~torch.isfinite(k).all(-1, keepdim=True)).cumsum(dim=1) > 0
+    k_finite = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+    v_finite = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     cum = log_decay.cumsum(dim=1)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     exponent = cum[:, :, None] - cum[:, None, :]  # [B, T(t), T(s), H, D]
     exponent = exponent.masked_fill(~causal[None, :, :, None, None], float("-inf"))
-    scores = torch.einsum("bthd,bshd,btshd->bhts", q, k, exponent.exp())
+    scores = torch.einsum("bthd,bshd,btshd->bhts", q, k_finite, exponent.exp())
     cum_end = cum[:, -1]  # [B, H, D]
     state = cum_end.exp()[..., None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
     state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp(), v)
     from_start = q * cum.exp()
-    o = torch.einsum("bhts,bshe->bthe", scores, v)
+    o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
+    o = torch.where(reached, float("nan"), o)
     if initial_state is not None:
         o = o + torch.einsum("bthd,bhde->bthe", from_start, initial_state.to(q.dtype))
     o = scale * o
@@ -1259,6 +1326,12 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
 def _gla_gate_reference(x):
     """Gate transform logsigmoid(x)/16 in plain PyTorch."""
     return torch.nn.functional.logsigmoid(x)/16.0
+
+
+def _gla_log_decay_reference(x):
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    g = _gla_gate_reference(x)
+    return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 
 
 reference = gla_reference

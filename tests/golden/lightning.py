@@ -33,6 +33,8 @@ import triton.language as tl  # noqa: E402
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "a65e0e126633f8d5"
 SPEC_SOURCE = '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\nattention lightning {\n    feature_map = identity\n    decay       = per_head        # slope[H] passed at call time\n    causal      = true\n    chunk       = 64              # intra-block size; `auto` lets tuning pick\n    scale       = 1.0             # or `auto` = 1/sqrt(D)\n}\n'
+# Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
+LOG_DECAY_FLOOR = -100.0
 
 # Launch parameters per (spec, D, E), measured by `attncc tune` (read from spec.attn.tuned.json).
 TUNED_CONFIGS = {}
@@ -204,6 +206,42 @@ def _resolve_scale(scale, default, head_dim):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return scale
 
+
+# Non-finite values stay causal: a NaN or inf in token t's key or value may reach only
+# the outputs of tokens >= t. Inside a chunk the causal mask's zeros would carry it to
+# earlier rows too (0 * inf = NaN in a product with the value tile), so a chunk whose
+# outputs come out non-finite is recomputed with those entries zeroed, and the rows at
+# and after each one are then marked NaN (the rest of the sequence sees it through the
+# state, as the token-by-token recurrence would).
+
+@triton.jit
+def _all_finite(tile):
+    """True when no entry of tile is NaN or ±inf (one sum; a sum that overflows only sends
+    the chunk down the careful path, which is right either way)."""
+    total = tl.sum(tl.sum(tile, axis=1), axis=0)
+    return (total == total) & (tl.abs(total) < float("inf"))
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """x with its NaN and ±inf entries replaced by 0."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _first_nonfinite_row(k, v, offs_t, BLOCK_T: tl.constexpr):
+    """Per value column: the first row of the chunk whose key (in any channel) or whose
+    value (in this column) is NaN or ±inf; BLOCK_T when there is none."""
+    key_bad = tl.max(tl.where(tl.abs(k) < float("inf"), 0, 1), axis=1)
+    bad = (key_bad[:, None] > 0) | ~(tl.abs(v.to(tl.float32)) < float("inf"))
+    return tl.min(tl.where(bad, offs_t[:, None], BLOCK_T), axis=0)
+
+
+@triton.jit
+def _mark_from(o, offs_t, first_bad):
+    """o with the rows at and after first_bad[column] set to NaN."""
+    return tl.where(offs_t[:, None] >= first_bad[None, :], float("nan"), o)
+
 # ---------------------------------------------------------------------------
 # lightning
 # ---------------------------------------------------------------------------
@@ -228,6 +266,14 @@ def _lightning_k_map(x, mask):
 def _lightning_k_map_backward(x, feat, dfeat, mask):
     """Chain rule through identity: d(loss)/d(features) -> d(loss)/d(x)."""
     return dfeat
+
+
+@triton.jit
+def _lightning_log_decay(x):
+    """Raw decay input -> log decay, raised to at least
+    LOG_DECAY_FLOOR = -100.0: a decay of e^-100 or less wipes the state (a reset)."""
+    g = x
+    return tl.where(g < -100.0, -100.0, g)  # NaN stays NaN
 
 
 @triton.jit
@@ -261,7 +307,7 @@ def _lightning_fwd_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     causal = offs_t[:, None] >= offs_t[None, :]
     pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
@@ -293,6 +339,12 @@ def _lightning_fwd_kernel(
             scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
             scores *= pair_decay
             o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+            if not _all_finite(o):  # rare: keep a NaN or inf away from earlier rows (see _all_finite)
+                scores = tl.dot(q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION)
+                scores = tl.where(causal, scores * pair_decay, 0.0)
+                o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+                o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
+                o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
             tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
         # Carry the state to the end of this chunk.
@@ -328,7 +380,7 @@ def _lightning_bwd_dq_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     causal = offs_t[:, None] >= offs_t[None, :]
     pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
@@ -393,7 +445,7 @@ def _lightning_bwd_dkv_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    log_decay_h = -tl.load(decay_ptr + i_h).to(tl.float32)
+    log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
     anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
     pair_decay = tl.exp(tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf")))  # the same in every chunk
@@ -508,7 +560,7 @@ def _lightning_step_kernel(
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
-    state *= tl.exp(-tl.load(decay_ptr + i_h).to(tl.float32))
+    state *= tl.exp(_lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32)))
     state += tl.trans(k) * v
     o = tl.sum(tl.trans(q) * state, axis=0) * scale
     tl.store(o_ptr + (i_b * H + i_h) * E + offs_e, o.to(o_ptr.dtype.element_ty), mask=mask_e)
@@ -981,21 +1033,34 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
     k = _lightning_k_map_reference(k).repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     # Cumulative log decay from the sequence start to each position: [B, T, H(, D)].
-    log_decay = (-slope).to(q.dtype).expand(B, T, H)
+    log_decay = _lightning_log_decay_reference(-slope.to(q.dtype)).expand(B, T, H)
+    # A NaN or inf in token s's key or value reaches the outputs of tokens t >= s only, as
+    # in the token-by-token recurrence: zeroed in the products over pairs (where the causal
+    # mask's zeros would spread it: 0 * inf = NaN), and the outputs it reaches marked NaN.
+    reached = (~torch.isfinite(v) | ~torch.isfinite(k).all(-1, keepdim=True)).cumsum(dim=1) > 0
+    k_finite = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+    v_finite = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     cum = log_decay.cumsum(dim=1)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     exponent = cum[:, :, None] - cum[:, None, :]  # [B, T(t), T(s), H]
     exponent = exponent.masked_fill(~causal[None, :, :, None], float("-inf"))
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * exponent.exp().permute(0, 3, 1, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k_finite) * exponent.exp().permute(0, 3, 1, 2)
     cum_end = cum[:, -1]  # [B, H]
     state = cum_end.exp()[..., None, None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
     state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp()[..., None], v)
     from_start = q * cum.exp()[..., None]
-    o = torch.einsum("bhts,bshe->bthe", scores, v)
+    o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
+    o = torch.where(reached, float("nan"), o)
     if initial_state is not None:
         o = o + torch.einsum("bthd,bhde->bthe", from_start, initial_state.to(q.dtype))
     o = scale * o
     return o, state if output_final_state else None
+
+
+def _lightning_log_decay_reference(x):
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    g = x
+    return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 
 
 reference = lightning_reference
