@@ -23,6 +23,10 @@ def _environment() -> jinja2.Environment:
     )
     # Macros that emit whole lines are called on a line of their own: `{{ m() | rstrip }}`.
     env.filters["rstrip"] = lambda text: str(text).rstrip()
+    # A macro written for one nesting depth, used one level out: `{{ m() | dedent(4) }}`.
+    env.filters["dedent"] = lambda text, n: "\n".join(
+        line[n:] if not line[:n].strip() else line for line in str(text).split("\n")
+    )
     return env
 
 

@@ -113,7 +113,8 @@ def test_a_nonfinite_key_or_value_reaches_later_tokens_only(name, seed, where, v
     o_hand, _ = expected(name, q, k, v, raw)
     o, state, o_ref, state_ref = run(module, name, q, k, v, raw)
     assert torch.isfinite(o[0]).all() and torch.isfinite(o[1, :token]).all(), "reached earlier tokens"
-    assert not torch.isfinite(o[1, token:]).all(), "the non-finite value vanished"
+    if value != value:  # NaN survives every feature map (±inf may not: elu(-inf) + 1 = 0)
+        assert not torch.isfinite(o[1, token:]).all(), "the NaN vanished"
     assert_same_values(o, o_hand, "kernel o")
     assert_same_values(o_ref, o_hand, "reference o", tol=1e-10)
     assert torch.isfinite(state[0]).all() and torch.isfinite(state_ref[0]).all()

@@ -210,6 +210,36 @@ def test_launch_retries_with_fewer_stages_and_remembers():
         module._launch(Kernel(fits=0), (1,), x, num_stages=2, BLOCK=32)
 
 
+def test_launch_falls_back_to_smaller_chunks_when_one_stage_does_not_fit():
+    """Per-channel decay at D = E = 256 overflows shared memory even at one pipeline
+    stage (H200): the chunk (BLOCK_T) is halved, down to 16, and what fits remembered."""
+    import triton
+
+    module = module_for(AttentionSpec(name="chunks_probe", decay=Decay.NONE))
+    tried = []
+
+    def kernel_fitting_at(block_t):
+        class Kernel:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    tried.append((meta["num_stages"], meta["BLOCK_T"]))
+                    if meta["num_stages"] > 1 or meta["BLOCK_T"] > block_t:
+                        raise triton.runtime.errors.OutOfResources(299008, 232448, "shared memory")
+                    return grid
+
+                return run
+
+        return Kernel()
+
+    kernel, x = kernel_fitting_at(32), torch.randn(3)
+    assert module._launch(kernel, (4,), x, num_stages=2, BLOCK_T=128, D=256) == (4,)
+    assert tried == [(2, 128), (1, 128), (1, 64), (1, 32)]
+    module._launch(kernel, (4,), x, num_stages=2, BLOCK_T=128, D=256)
+    assert tried[4:] == [(1, 32)]  # remembered
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        module._launch(kernel_fitting_at(8), (1,), x, num_stages=1, BLOCK_T=32, D=256)
+
+
 def test_forward_stores_backward_segment_states_only_when_a_backward_can_follow(monkeypatch):
     """The forward pass stores the states entering the backward's segments (saving the
     backward a pass); under no_grad, or without inputs that need gradients, it must not

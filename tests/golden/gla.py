@@ -155,26 +155,33 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_STAGES_THAT_FIT = {}  # (kernel, dtype, launch parameters) -> pipeline stages that fit in shared memory
+_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
 
 
 def _launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), with fewer pipeline stages where the number asked for
-    does not fit in shared memory (wide heads in fp32, say): found once per kernel, dtype
-    and launch parameters, then remembered."""
-    key = None
-    if _STAGES_THAT_FIT:
-        key = (kernel, args[0].dtype, tuple(sorted(meta.items())))
-        meta["num_stages"] = _STAGES_THAT_FIT.get(key, meta["num_stages"])
+    """kernel[grid](*args, **meta), with fewer pipeline stages, then smaller chunks
+    (BLOCK_T, down to 16), where what is asked for does not fit in shared memory (wide
+    heads: D = E = 256, fp32, per-channel decay): found once per kernel, dtype and
+    launch parameters, then remembered. Every kernel computes the same function at any
+    chunk size, and segment lengths, multiples of the chunk asked for, stay multiples."""
+    dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
+    settings = tuple(sorted((k, x) for k, x in meta.items() if isinstance(x, (bool, int, float, str))))
+    key = (kernel, dtype, settings)
+    if key in _WHAT_FITS:
+        meta["num_stages"], block_t = _WHAT_FITS[key]
+        if block_t is not None:
+            meta["BLOCK_T"] = block_t
     while True:
         try:
             return kernel[grid](*args, **meta)
         except triton.runtime.errors.OutOfResources:
-            if meta["num_stages"] <= 1:
+            if meta["num_stages"] > 1:
+                meta["num_stages"] -= 1
+            elif meta.get("BLOCK_T", 16) > 16:
+                meta["BLOCK_T"] //= 2
+            else:
                 raise
-            key = key or (kernel, args[0].dtype, tuple(sorted(meta.items())))
-            meta["num_stages"] -= 1
-            _STAGES_THAT_FIT[key] = meta["num_stages"]
+            _WHAT_FITS[key] = (meta["num_stages"], meta.get("BLOCK_T"))
 
 
 def _forward_block_e(config, rows, E, device):
@@ -301,7 +308,7 @@ def _gla_log_decay(x):
 @triton.jit
 def _gla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, exact_path_ptr, cu_seqlens, scale,
+    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
@@ -314,7 +321,9 @@ def _gla_fwd_kernel(
     sequence split into segments) and also stores the total log decay. With
     STORE_SEGMENT_STATES on it also stores the state entering every segment_len
     tokens (segment_starts[n] numbers sequence n's first), for a backward pass
-    that cuts the sequences into segments."""
+    that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
+    nonfinite_ptr, a program whose state came out NaN or inf (see
+    _gla_fwd_again_kernel)."""
     if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
         take_fast_path = tl.load(exact_path_ptr) == 0
         if take_fast_path != FAST_PATH:
@@ -370,13 +379,6 @@ def _gla_fwd_kernel(
                 scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
                 scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
                 o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-                if not _all_finite(o):  # rare: keep a NaN or inf away from earlier rows (see _all_finite)
-                    scores = tl.dot(q_from_start, tl.trans((_finite_or_zero(k) * tl.exp(-b)).to(split_dtype)),
-                                    input_precision=PRECISION)
-                    scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
-                    o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
-                    o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
-                    o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
                 tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
             # Keys taken back to the chunk start, then the whole state to its end: the
@@ -426,8 +428,105 @@ def _gla_fwd_kernel(
         decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
+    if STORE_OUTPUT:
+        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
+
+
+@triton.jit
+def _gla_fwd_again_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+):
+    """Launched after each _gla_fwd_kernel that stores outputs, on the same grid: a
+    program whose state came out NaN or inf (the recurrence carries any non-finite key
+    or value into it) computes its outputs again, chunk by chunk, with such entries
+    zeroed in the products over pairs (where the causal mask's zeros would carry them
+    to earlier rows: 0 * inf = NaN) and the rows at and after each one marked NaN.
+    The others, all of them unless some input is NaN or inf, return at once."""
+    if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
+        return
+    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
+        take_fast_path = tl.load(exact_path_ptr) == 0
+        if take_fast_path != FAST_PATH:
+            return
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H  # which sequence
+    i_h = i_nh % H  # which query head
+    i_hk = i_h // (H // HKV)  # which key/value head serves it
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_sub = tl.arange(0, SUB)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_d = offs_d < D
+    mask_e = offs_e < E
+    state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
+    state_mask = mask_d[:, None] & mask_e[None, :]
+    dot_dtype = q_ptr.dtype.element_ty
+    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
+    if SPLIT_IN_FP32:
+        split_dtype = tl.float32
+    state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
+    for start in range(0, seq_len, BLOCK_T):
+        rows = start + offs_t
+        mask_t = rows < seq_len
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_te = mask_t[:, None] & mask_e[None, :]
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        k = _gla_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
+        # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+        first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
+        k_finite = _finite_or_zero(k)
+        v_finite = _finite_or_zero(v).to(dot_dtype)
+        for i in tl.static_range(BLOCK_T // SUB):
+            rows_i = start + i * SUB + offs_sub
+            mask_i = rows_i < seq_len
+            mask_id = mask_i[:, None] & mask_d[None, :]
+            b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
+            x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                           mask=mask_id, other=0.0).to(tl.float32)
+            g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
+            b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
+            x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
+            q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
+            # What the state carried in from earlier chunks contributes.
+            o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
+            if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
+                k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
+                                tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
+                o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
+            for s in range(0, SUB):  # the sub-block itself, one key row at a time
+                row_s = start + i * SUB + s
+                mask_s = mask_d[None, :] & (row_s < seq_len)
+                x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
+                v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
+                              mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
+                decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+                o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * _finite_or_zero(v_s)
+            o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
+            tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                     (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+        # Carry the state to the end of this chunk.
+        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
+        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
 
 
 @triton.jit
@@ -874,7 +973,7 @@ def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, fina
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q, k, v, None, decay, decay_total, None, local, None, None, 0, None, segment_cu, 1.0,
+        q, k, v, None, decay, decay_total, None, local, None, None, 0, None, None, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
@@ -916,6 +1015,17 @@ def _gla_launch_on_both_paths(kernel, grid, *args, **meta):
     _launch(kernel, grid, *args, **dict(meta, FAST_PATH=False))
 
 
+def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+    """The programs of the forward launch just made whose state came out NaN or inf
+    compute their outputs again so that the non-finite value reaches later tokens only
+    (see _gla_fwd_again_kernel); the others return at once."""
+    _launch(_gla_fwd_again_kernel, grid,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite, exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        HAS_INITIAL_STATE=initial_state is not None, **launch,
+    )
+
+
 def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
                     needs_grad, exact_path):
     """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
@@ -952,19 +1062,25 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, outpu
             segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
             entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
             segments = (segment_cu, segment_starts, entering)
-        _gla_launch_on_both_paths(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_seqs * H),
+        grid = (_cdiv(E, config["block_e"]), num_seqs * H)
+        nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+        _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
             q, k, v, o, decay, None, initial_state, final_state,
-            entering, segment_starts, bwd_segment_len or 0, exact_path, cu_seqlens, scale,
+            entering, segment_starts, bwd_segment_len or 0, nonfinite, exact_path, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
             STORE_SEGMENT_STATES=segments is not None, **launch,
         )
+        _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
         return o, final_state, segments
     segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering = segments
-    _gla_launch_on_both_paths(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
-        q, k, v, o, decay, None, entering, None, None, None, 0, exact_path, segment_cu, scale,
+    grid = (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H)
+    nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+    _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
+        q, k, v, o, decay, None, entering, None, None, None, 0, nonfinite, exact_path, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
     )
+    _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, entering, nonfinite, segment_cu, scale, launch)
     return o, final_state, segments
 
 
@@ -1245,7 +1361,7 @@ def gla_sp(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None
     # This rank's own final state, from a state-only pass (no outputs yet).
     _, own_state = _gla_call(q, k, v, gate_input, scale, None, True, None, store_output=False)
     states = dist_nn.all_gather(own_state, group)
-    g = _gla_gate_reference(gate_input.float())
+    g = _gla_log_decay_reference(gate_input.float())
     own_total = g.sum(dim=1).repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # [B, H, D]
     totals = dist_nn.all_gather(own_total, group)
     # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.

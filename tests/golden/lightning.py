@@ -145,26 +145,33 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_STAGES_THAT_FIT = {}  # (kernel, dtype, launch parameters) -> pipeline stages that fit in shared memory
+_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
 
 
 def _launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), with fewer pipeline stages where the number asked for
-    does not fit in shared memory (wide heads in fp32, say): found once per kernel, dtype
-    and launch parameters, then remembered."""
-    key = None
-    if _STAGES_THAT_FIT:
-        key = (kernel, args[0].dtype, tuple(sorted(meta.items())))
-        meta["num_stages"] = _STAGES_THAT_FIT.get(key, meta["num_stages"])
+    """kernel[grid](*args, **meta), with fewer pipeline stages, then smaller chunks
+    (BLOCK_T, down to 16), where what is asked for does not fit in shared memory (wide
+    heads: D = E = 256, fp32, per-channel decay): found once per kernel, dtype and
+    launch parameters, then remembered. Every kernel computes the same function at any
+    chunk size, and segment lengths, multiples of the chunk asked for, stay multiples."""
+    dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
+    settings = tuple(sorted((k, x) for k, x in meta.items() if isinstance(x, (bool, int, float, str))))
+    key = (kernel, dtype, settings)
+    if key in _WHAT_FITS:
+        meta["num_stages"], block_t = _WHAT_FITS[key]
+        if block_t is not None:
+            meta["BLOCK_T"] = block_t
     while True:
         try:
             return kernel[grid](*args, **meta)
         except triton.runtime.errors.OutOfResources:
-            if meta["num_stages"] <= 1:
+            if meta["num_stages"] > 1:
+                meta["num_stages"] -= 1
+            elif meta.get("BLOCK_T", 16) > 16:
+                meta["BLOCK_T"] //= 2
+            else:
                 raise
-            key = key or (kernel, args[0].dtype, tuple(sorted(meta.items())))
-            meta["num_stages"] -= 1
-            _STAGES_THAT_FIT[key] = meta["num_stages"]
+            _WHAT_FITS[key] = (meta["num_stages"], meta.get("BLOCK_T"))
 
 
 def _forward_block_e(config, rows, E, device):
@@ -279,7 +286,7 @@ def _lightning_log_decay(x):
 @triton.jit
 def _lightning_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, cu_seqlens, scale,
+    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
@@ -291,7 +298,9 @@ def _lightning_fwd_kernel(
     sequence split into segments) and also stores the total log decay. With
     STORE_SEGMENT_STATES on it also stores the state entering every segment_len
     tokens (segment_starts[n] numbers sequence n's first), for a backward pass
-    that cuts the sequences into segments."""
+    that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
+    nonfinite_ptr, a program whose state came out NaN or inf (see
+    _lightning_fwd_again_kernel)."""
     i_e = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H  # which sequence
@@ -339,12 +348,6 @@ def _lightning_fwd_kernel(
             scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
             scores *= pair_decay
             o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-            if not _all_finite(o):  # rare: keep a NaN or inf away from earlier rows (see _all_finite)
-                scores = tl.dot(q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION)
-                scores = tl.where(causal, scores * pair_decay, 0.0)
-                o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-                o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
-                o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
             tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
         # Carry the state to the end of this chunk.
@@ -353,8 +356,72 @@ def _lightning_fwd_kernel(
 
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
+    if STORE_OUTPUT:
+        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
+
+
+@triton.jit
+def _lightning_fwd_again_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, cu_seqlens, scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+):
+    """Launched after each _lightning_fwd_kernel that stores outputs, on the same grid: a
+    program whose state came out NaN or inf (the recurrence carries any non-finite key
+    or value into it) computes its outputs again, chunk by chunk, with such entries
+    zeroed in the products over pairs (where the causal mask's zeros would carry them
+    to earlier rows: 0 * inf = NaN) and the rows at and after each one marked NaN.
+    The others, all of them unless some input is NaN or inf, return at once."""
+    if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
+        return
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H  # which sequence
+    i_h = i_nh % H  # which query head
+    i_hk = i_h // (H // HKV)  # which key/value head serves it
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_d = offs_d < D
+    mask_e = offs_e < E
+    state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
+    state_mask = mask_d[:, None] & mask_e[None, :]
+    dot_dtype = q_ptr.dtype.element_ty
+    log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    causal = offs_t[:, None] >= offs_t[None, :]
+    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
+    for start in range(0, seq_len, BLOCK_T):
+        rows = start + offs_t
+        mask_t = rows < seq_len
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_te = mask_t[:, None] & mask_e[None, :]
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        q = _lightning_q_map(x_q, mask_td)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        k = _lightning_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
+        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
+        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
+        o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+        scores = tl.dot(q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION)
+        scores = tl.where(causal, scores * pair_decay, 0.0)
+        o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
+        o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
+        tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                 (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
+        # Carry the state to the end of this chunk.
+        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
+        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
 
 
 @triton.jit
@@ -635,7 +702,7 @@ def _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q, k, v, None, decay, decay_total, None, local, None, None, 0, segment_cu, 1.0,
+        q, k, v, None, decay, decay_total, None, local, None, None, 0, None, segment_cu, 1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_lightning_launch_args(q, k, v, config, config["block_e"]),
     )
@@ -654,6 +721,17 @@ def _lightning_backward_segment_length(config, bounds, heads, device):
     unsplit forward pass can store the states entering the segments as it goes."""
     chunk = max(config["chunk"], config["bwd_chunk"])
     return _segment_length(config["bwd_segment"], bounds, (len(bounds) - 1) * heads, chunk, device, forward=False)
+
+
+def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+    """The programs of the forward launch just made whose state came out NaN or inf
+    compute their outputs again so that the non-finite value reaches later tokens only
+    (see _lightning_fwd_again_kernel); the others return at once."""
+    _launch(_lightning_fwd_again_kernel, grid,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite, cu_seqlens=cu_seqlens, scale=scale,
+        HAS_INITIAL_STATE=initial_state is not None, **launch,
+    )
 
 
 def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
@@ -691,19 +769,25 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale,
             segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
             entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
             segments = (segment_cu, segment_starts, entering)
-        _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_seqs * H),
+        grid = (_cdiv(E, config["block_e"]), num_seqs * H)
+        nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+        _launch(_lightning_fwd_kernel, grid,
             q, k, v, o, decay, None, initial_state, final_state,
-            entering, segment_starts, bwd_segment_len or 0, cu_seqlens, scale,
+            entering, segment_starts, bwd_segment_len or 0, nonfinite, cu_seqlens, scale,
             HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
             STORE_SEGMENT_STATES=segments is not None, **launch,
         )
+        _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
         return o, final_state, segments
     segments = _lightning_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
     segment_cu, _, entering = segments
-    _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H),
-        q, k, v, o, decay, None, entering, None, None, None, 0, segment_cu, scale,
+    grid = (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H)
+    nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+    _launch(_lightning_fwd_kernel, grid,
+        q, k, v, o, decay, None, entering, None, None, None, 0, nonfinite, segment_cu, scale,
         HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
     )
+    _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, entering, nonfinite, segment_cu, scale, launch)
     return o, final_state, segments
 
 
@@ -779,6 +863,7 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale
         ddecay = -((torch.arange(N, device=q.device) - first + 1).to(db.dtype)[:, None] * db).sum(0)
         if final_term is not None:
             ddecay -= (lengths[:, None] * final_term).sum(0)
+        ddecay = torch.where(-decay < LOG_DECAY_FLOOR, 0.0, ddecay)  # raised to the floor: no gradient
     return dq, dk, dv, ddecay, dinitial_state
 
 
@@ -980,7 +1065,7 @@ def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=Non
     _, own_state = _lightning_call(q, k, v, slope, scale, None, True, None, store_output=False)
     states = dist_nn.all_gather(own_state, group)
     B, T, H = q.shape[0], q.shape[1], q.shape[2]
-    own_total = (-slope.float() * T).expand(B, H).contiguous()
+    own_total = (_lightning_log_decay_reference(-slope.float()) * T).expand(B, H).contiguous()
     totals = dist_nn.all_gather(own_total, group)
     # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
     incoming = initial_state if initial_state is not None else torch.zeros_like(own_state)
