@@ -200,6 +200,9 @@ class _Checker:
         self.source = source
         self.filename = filename
         self.diagnostics: list[Diagnostic] = []
+        # Checked values by (text, context): blocks of one file often repeat a value, and
+        # each costs sympy work. Only values that passed are kept (they leave no diagnostic).
+        self.memo: dict[tuple[str, _Context], _Value] = {}
 
     # -- reporting ----------------------------------------------------------
 
@@ -561,10 +564,15 @@ class _Checker:
     # -- expressions ----------------------------------------------------------
 
     def expression(self, node: lark.Tree, context: _Context) -> _Value:
+        key = (self.source[node.meta.start_pos : node.meta.end_pos], context)
+        if key in self.memo:
+            return self.memo[key]
         result = self.build(node, context, 0)
         if result is None or not self.representable(node, result.expr, result.number):
             raise _Refused
-        return _Value(_settle(result.expr, context), result.number)
+        value = _Value(_settle(result.expr, context), result.number)
+        self.memo[key] = value
+        return value
 
     def build(
         self, node: lark.Tree, context: _Context, depth: int, factor: bool = False

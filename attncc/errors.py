@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from attncc.ir import Span
 
 _SNIPPET_WIDTH = 100  # characters of a long line shown around the caret
+MAX_SHOWN = 50  # diagnostics rendered; the rest are counted (all stay in .diagnostics)
 
 
 def printable(text: str) -> str:
@@ -109,7 +110,10 @@ class AttnccError(Exception):
 
     def render(self) -> str:
         lines = None if self.source is None else _source_lines(self.source)  # split once
-        return "\n\n".join(d.render(lines=lines) for d in self.diagnostics)
+        shown = [d.render(lines=lines) for d in self.diagnostics[:MAX_SHOWN]]
+        if len(self.diagnostics) > MAX_SHOWN:
+            shown.append(f"... and {len(self.diagnostics) - MAX_SHOWN} more errors")
+        return "\n\n".join(shown)
 
 
 def nearest(word: str, candidates: Iterable[str]) -> str | None:

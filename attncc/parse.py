@@ -57,8 +57,11 @@ def parser() -> lark.Lark:
 
 MAX_SOURCE_BYTES = 1_000_000  # a spec file, in UTF-8 bytes
 MAX_BLOCKS = 256  # `attention` blocks in one file
-MAX_TOKENS = 16_384  # tokens in one file (comments and blanks are free)
+MAX_TOKENS = 8192  # tokens in one file (comments and blanks are free)
 MAX_EXPRESSION_TOKENS = 256  # tokens of one value: names, numbers, operators, parentheses
+# Tokens of all values of a file together: each costs the checker sympy work (building,
+# canonical re-reading, derivatives), which this bounds to about a second.
+MAX_VALUE_TOKENS = 2048
 MAX_NESTING = 32  # depth of parentheses (calls included)
 MAX_NAME_LENGTH = 64  # characters of a name
 
@@ -120,7 +123,7 @@ def read_spec_source(path: str | os.PathLike) -> str:
 
 
 _SCAN = re.compile(
-    r"(?P<blank>(?:[ \t\f\r\v\n]|#[^\n]*)+)"
+    r"(?P<blank>(?:[ \t\f\r\v\n]+|#[^\n]*)+)"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
     r"|(?P<open>\()"
@@ -153,7 +156,7 @@ def scan_limits(source: str, filename: str = "<string>") -> Diagnostic | None:
             Span(filename, 1, 1, 1, 2),
             "a spec holds a few `attention` blocks; split larger ones over several files",
         )
-    tokens = blocks = depth = length = 0
+    tokens = blocks = depth = length = value_tokens = 0
     in_value = False  # between `=` and the end of the entry
     for match in _SCAN.finditer(source):
         kind = match.lastgroup
@@ -176,6 +179,13 @@ def scan_limits(source: str, filename: str = "<string>") -> Diagnostic | None:
             continue
         if in_value:
             length += 1
+            value_tokens += 1
+            if value_tokens > MAX_VALUE_TOKENS:
+                return Diagnostic(
+                    f"the values of the spec have more than {MAX_VALUE_TOKENS} tokens together",
+                    _point(source, filename, start, end),
+                    "a spec holds a few `attention` blocks; split larger ones over several files",
+                )
             if length > MAX_EXPRESSION_TOKENS:
                 return Diagnostic(
                     f"expression too long: more than {MAX_EXPRESSION_TOKENS} tokens",

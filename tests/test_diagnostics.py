@@ -485,7 +485,7 @@ def test_expression_nested_too_deeply():
 
 def test_expression_nested_too_deeply_without_parentheses():
     d = only(block("    feature_map = " + "x**" * 40 + "x"))
-    check(d, 2, 19 + 3 * 33, "expression nested too deeply (more than 32 levels)")
+    check(d, 2, 19 + 3 * 32, "expression nested too deeply (more than 32 levels)")
 
 
 # -- combinations of keys -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from attncc.describe import describe
 from attncc.errors import AttnccError
 from attncc.expr import FUNCTIONS
 from attncc.ir import SpecFile
+from attncc.parse import normalize_source
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOURCES = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.attn"))]
@@ -92,7 +93,8 @@ def check_outcome(source: str) -> SpecFile | None:
     except AttnccError as err:
         assert str(err).strip()
         assert err.diagnostics
-        lines = source.split("\n")
+        # Lines as an editor shows them: "\r\n" and a lone "\r" end a line too.
+        lines = normalize_source(source).split("\n")
         for d in err.diagnostics:
             assert d.message.strip()
             if d.span is None:
