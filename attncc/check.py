@@ -31,7 +31,7 @@ import sympy
 from lark.exceptions import UnexpectedInput
 
 from attncc import expr as ex
-from attncc.errors import AttnccError, Diagnostic, nearest
+from attncc.errors import AttnccError, Diagnostic, Note, nearest
 from attncc.ir import (
     AttentionSpec,
     Decay,
@@ -44,7 +44,15 @@ from attncc.ir import (
     SpecFile,
     X,
 )
-from attncc.parse import node_span, parse_expression, parse_source, token_span
+from attncc.parse import (
+    MAX_NESTING,
+    node_span,
+    normalize_source,
+    parse_expression,
+    parse_source,
+    read_spec_source,
+    token_span,
+)
 
 # ---------------------------------------------------------------------------
 # The rules, as data
@@ -57,37 +65,73 @@ BOOLEANS = ("true", "false")
 CHUNKS = (16, 32, 64, 128, 256)
 MAX_POWER = 8  # |exponent| of powers of x-dependent bases
 MAX_ROOT = 100  # denominator of fractional exponents
-MAX_DEPTH = 100  # nesting of an expression
+MAX_DEPTH = MAX_NESTING  # nesting of an expression's operations (parentheses: parse.py)
 MAX_BITS = 2048  # numerator/denominator size of any exact number
 MAX_DIGITS = 620  # digits of a number literal, and of its power of ten: just above MAX_BITS
 FLOAT_MAX = sys.float_info.max
+# The kernels compute in float32: every constant printed into them, and every constant of
+# their derivatives, must be a float32 number (and not one that flushes to zero).
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 2.0**-126  # the smallest normal float32
 _PRECISION = 50  # decimal digits of the numeric evaluation of constants
 _CANCELLATION = mpmath.mpf(10) ** -35  # |sum| / |largest term| below which a sum may be 0
 # Functions sympy itself can evaluate numerically: all a constant `scale` may use.
 SCALE_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh")
 
-# Names the generated module defines besides the per-spec functions.
-RESERVED_NAMES = frozenset(
+# Module-level names of the generated module that belong to no block (its imports,
+# constants and shared helpers). tests/test_frontend_limits.py renders modules and checks
+# that every top-level name is one of these or lies in a block's namespace (see below).
+SHARED_NAMES = frozenset(
     {
         "reference",
+        "functools",
+        "math",
+        "os",
+        "sys",
         "torch",
         "triton",
         "tl",
-        "math",
-        "os",
         "SPEC_SOURCE",
         "SPEC_HASH",
         "ATTNCC_VERSION",
         "TUNED_CONFIGS",
+        "_STAGES_THAT_FIT",
+        "_block",
+        "_cdiv",
+        "_check_device",
+        "_check_shape",
+        "_check_tensor",
+        "_equal_sequence_starts",
+        "_forward_block_e",
+        "_launch",
+        "_multiprocessors",
+        "_precision",
+        "_resolve_scale",
+        "_segment_length",
+        "_sequence_starts",
+        "_split_segments",
+        "_split_segments_cached",
+        *(name for name in ex.TritonPrinter.functions.values() if name.startswith("_")),
     }
 )
+RESERVED_NAMES = SHARED_NAMES  # the former name
 GENERATED_SUFFIXES = ("", "_step", "_reference", "_sp")
 _BUILTINS = frozenset(name for name in dir(builtins) if not name.startswith("_"))
 
 
 def generated_names(name: str) -> tuple[str, ...]:
-    """The module-level names the generated module defines for spec `name`."""
+    """The public module-level names the generated module defines for spec `name`."""
     return tuple(name + suffix for suffix in GENERATED_SUFFIXES)
+
+
+def in_namespace(name: str, block: str) -> bool:
+    """Whether the generated module may define `name` for the block named `block`.
+
+    A block owns `block`, `block_*` (its public functions) and `_block_*` (its
+    kernels and helpers). Two blocks' namespaces meet exactly when the names are
+    equal or one is the other followed by `_`: that is what check_names refuses.
+    """
+    return name == block or name.startswith(block + "_") or name.startswith("_" + block + "_")
 
 
 def _join(words: Iterable[str], last: str = "or") -> str:
@@ -156,6 +200,9 @@ class _Checker:
         self.source = source
         self.filename = filename
         self.diagnostics: list[Diagnostic] = []
+        # Checked values by (text, context): blocks of one file often repeat a value, and
+        # each costs sympy work. Only values that passed are kept (they leave no diagnostic).
+        self.memo: dict[tuple[str, _Context], _Value] = {}
 
     # -- reporting ----------------------------------------------------------
 
@@ -193,9 +240,14 @@ class _Checker:
         return SpecFile(tuple(specs), self.filename)
 
     def check_names(self, names: list[lark.Token]) -> None:
-        """File-wide: duplicate names and clashes between the names specs generate."""
+        """File-wide: duplicate names, and blocks whose generated names could clash.
+
+        Every name the generated module defines for block `a` is `a`, `a_...` or
+        `_a_...`, so blocks `a` and `a_k_map` (or `a_step`, `a_gate`, ...) could
+        define one function twice: such a pair is refused, whatever the suffixes
+        the templates use now.
+        """
         first: dict[str, lark.Token] = {}
-        owner: dict[str, lark.Token] = {}  # generated name -> block name token
         for tok in names:
             name = str(tok)
             if name in first:
@@ -206,18 +258,23 @@ class _Checker:
                 )
                 continue
             first[name] = tok
-            for generated in generated_names(name):
-                other = owner.get(generated)
-                if other is not None:
-                    self.error(
-                        f"`attention {name}` and `attention {other}` (line {other.line}) both "
-                        f"generate a function named `{generated}`",
-                        tok,
-                        "rename one of the two blocks",
+        for name, tok in first.items():
+            for i, char in enumerate(name):
+                other = first.get(name[:i]) if char == "_" and i > 0 else None
+                if other is None:
+                    continue
+                prefix = str(other)
+                self.diagnostics.append(
+                    Diagnostic(
+                        f"the names generated for `attention {name}` may clash with those for "
+                        f"`attention {prefix}` (line {other.line}), which start with `{prefix}_` "
+                        f"or `_{prefix}_`",
+                        token_span(tok, self.filename),
+                        f"rename one of the two blocks, e.g. `attention {_joined(name)}`",
+                        (Note(f"block `{prefix}` is defined here", token_span(other, self.filename)),),
                     )
-                    break
-            for generated in generated_names(name):
-                owner.setdefault(generated, tok)
+                )
+                break
 
     def check_name(self, tok: lark.Token) -> bool:
         name = str(tok)
@@ -231,14 +288,19 @@ class _Checker:
                 tok,
                 "names starting with `_` are kept for the generated module's helpers",
             )
-        elif any(g in RESERVED_NAMES for g in generated_names(name)):
-            clash = next(g for g in generated_names(name) if g in RESERVED_NAMES)
-            self.error(
-                f"attention name `{name}` clashes with `{clash}`, which the generated module "
-                "already defines",
-                tok,
-                _rename_hint(name),
-            )
+        elif any(in_namespace(shared, name) for shared in SHARED_NAMES):
+            clash = min(shared for shared in SHARED_NAMES if in_namespace(shared, name))
+            if clash in generated_names(name):
+                message = (
+                    f"attention name `{name}` clashes with `{clash}`, which the generated "
+                    "module already defines"
+                )
+            else:
+                message = (
+                    f"attention name `{name}` clashes with the generated module's `{clash}`: "
+                    f"the names made for block `{name}` start with `{name}_` or `_{name}_`"
+                )
+            self.error(message, tok, _rename_hint(name))
         elif name in _BUILTINS:
             self.error(
                 f"attention name `{name}` would shadow the Python builtin `{name}` in the "
@@ -394,8 +456,19 @@ class _Checker:
                 "`auto` means 1/sqrt(D)",
             )
             raise _Refused
-        if result.number < sys.float_info.min:
-            self.error(f"`scale` `{self.text(value)}` is too small for a float", value)
+        if result.number > FP32_MAX:
+            self.error(
+                f"`scale` `{self.text(value)}` is too large for float32",
+                value,
+                f"the kernels compute in float32, whose largest value is {FP32_MAX:.4g}",
+            )
+            raise _Refused
+        if result.number < FP32_TINY:
+            self.error(
+                f"`scale` `{self.text(value)}` is too small for float32",
+                value,
+                f"the kernels compute in float32, whose smallest normal value is {FP32_TINY:.4g}",
+            )
             raise _Refused
         return result.expr
 
@@ -464,15 +537,42 @@ class _Checker:
                     value,
                 )
                 raise _Refused
+        self.check_float32(value, result, context)
         return result
+
+    def check_float32(self, value: lark.Tree, result: sympy.Expr, context: _Context) -> None:
+        """Every constant the kernels compute, forward and backward, must be a float32."""
+        for role, expr in (("", result), ("the derivative of ", ex.derivative(result))):
+            bad = _float32_problem(expr)
+            if bad is None:
+                continue
+            constant, number = bad
+            where = _literal_out_of_float32(value) or value
+            what = "too large" if abs(number) > 1 else "too small"
+            shown = mpmath.nstr(number, 4)
+            if not constant.is_Rational:
+                shown = f"`{_short(ex.to_text(constant), 30)}` = {shown}"
+            self.error(
+                f"{role}the {context.what} `{self.text(value)}` computes the constant "
+                f"{shown}, {what} for float32",
+                where,
+                "the kernels compute in float32 (normal values from "
+                f"{FP32_TINY:.4g} to {FP32_MAX:.4g}); scale the expression into that range",
+            )
+            raise _Refused
 
     # -- expressions ----------------------------------------------------------
 
     def expression(self, node: lark.Tree, context: _Context) -> _Value:
+        key = (self.source[node.meta.start_pos : node.meta.end_pos], context)
+        if key in self.memo:
+            return self.memo[key]
         result = self.build(node, context, 0)
         if result is None or not self.representable(node, result.expr, result.number):
             raise _Refused
-        return _Value(_settle(result.expr, context), result.number)
+        value = _Value(_settle(result.expr, context), result.number)
+        self.memo[key] = value
+        return value
 
     def build(
         self, node: lark.Tree, context: _Context, depth: int, factor: bool = False
@@ -482,9 +582,9 @@ class _Checker:
         A `factor` of a product may exceed the float range on its own (its product
         is checked instead): the canonical text of 3**(-800) is 1/3**800.
         """
-        if depth > MAX_DEPTH:
+        if depth > MAX_DEPTH:  # once per expression: the whole value is refused
             self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels)", node)
-            return None
+            raise _Refused
         kind = node.data
         if kind == "number":
             return self.build_number(node)
@@ -818,7 +918,57 @@ class _Checker:
 # Helpers
 
 
-_MP_BY_SYMPY_NAME = {**_MP_FUNCTIONS, "Abs": abs}
+_MP_BY_SYMPY_NAME = {
+    **_MP_FUNCTIONS,
+    "Abs": abs,
+    # What derivatives add to the vocabulary (attncc.expr).
+    "absolute": abs,
+    "sign": mpmath.sign,
+    "step": lambda v: mpmath.mpf(1 if v > 0 else 0),
+    "elu_grad": lambda v: mpmath.mpf(1) if v > 0 else mpmath.exp(v),
+}
+
+
+def _outside_float32(number) -> bool:
+    magnitude = abs(number)
+    return magnitude > FP32_MAX or (magnitude != 0 and magnitude < FP32_TINY)
+
+
+def _float32_problem(expr: sympy.Expr):
+    """(constant, value) of a constant part of expr the kernels cannot hold in float32.
+
+    Every constant subexpression is evaluated (the printers print numbers as floats
+    and the kernels evaluate constant calls like exp(100) in float32), and so is
+    |c|**|n| for integer powers c**n, which the printers spell as products.
+    """
+    for sub in sympy.preorder_traversal(expr):
+        if sub.has(X) or sub.is_Integer and abs(sub) <= MAX_POWER:
+            continue  # small integers: exponents and counts, never out of range
+        try:
+            with mpmath.workdps(_PRECISION):
+                number = _mp_eval(sub)
+                if isinstance(number, mpmath.mpc):
+                    number = mpmath.inf
+                number = mpmath.mpf(number)
+                if sub.is_Pow and sub.exp.is_Integer:
+                    number_power = abs(_mp_eval(sub.base)) ** abs(int(sub.exp))
+                    if _outside_float32(number_power):
+                        return sub, number_power
+        except (ValueError, TypeError, ZeroDivisionError):
+            return sub, mpmath.inf
+        if not mpmath.isfinite(number) or _outside_float32(number):
+            return sub, number
+    return None
+
+
+def _literal_out_of_float32(value: lark.Tree) -> lark.Tree | None:
+    """The first number literal of a value outside float32's range: the spot to point at."""
+    for node in value.iter_subtrees_topdown():
+        if node.data == "number":
+            literal = _literal(str(node.children[0]))
+            if literal is not None and _outside_float32(literal):
+                return node
+    return None
 
 
 def _mp_eval(e: sympy.Expr):
@@ -854,7 +1004,10 @@ def _settle(expr: sympy.Expr, context: _Context, rounds: int = 4) -> sympy.Expr:
             tree = parse_expression(text)
         except UnexpectedInput:  # pragma: no cover - the printer speaks the language
             return expr
-        again = _Checker(text, "<canonical>").build(tree, context, 0)
+        try:
+            again = _Checker(text, "<canonical>").build(tree, context, 0)
+        except _Refused:
+            return expr
         if again is None or again.expr == expr:
             return expr
         expr = again.expr
@@ -906,6 +1059,11 @@ def _keys_hint() -> str:
     return "the keys are " + ", ".join(f"`{k}`" for k in KEYS)
 
 
+def _joined(name: str) -> str:
+    """name without underscores: a rename that cannot clash with a prefix of it."""
+    return name.replace("_", "") or "attn"
+
+
 def _rename_hint(name: str) -> str:
     candidate = name.lstrip("_") + "_attn"
     if not candidate[0].isalpha():
@@ -925,14 +1083,19 @@ def _sorted(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
 
 
 def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
-    """Parse and check spec text; raise AttnccError listing every problem found."""
+    """Parse and check spec text; raise AttnccError listing every problem found.
+
+    The text is read as `read_spec_source` leaves a file's: a leading byte-order
+    mark is dropped and `\r\n` or a lone `\r` end a line, as in an editor.
+    """
     if not isinstance(source, str):
         raise TypeError(f"parse_spec expects the spec text as str, got {type(source).__name__}")
+    source = normalize_source(source)
     checker = _Checker(source, filename)
     try:
         with mpmath.workdps(_PRECISION):
             return checker.check_file()
-    except RecursionError:
+    except RecursionError:  # pragma: no cover - the limits of parse.py keep trees shallow
         checker.diagnostics.append(
             Diagnostic("the spec is nested too deeply to process", Span(filename, 1, 1, 1, 2))
         )
@@ -941,26 +1104,4 @@ def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
 
 def load_spec_file(path: str | os.PathLike) -> SpecFile:
     """Read and check a spec file; raise AttnccError if it cannot be read or is wrong."""
-    filename = os.fspath(path)
-    try:
-        with open(filename, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise AttnccError(Diagnostic(f"cannot read `{filename}`: {reason}")) from None
-    try:
-        source = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        prefix = data[: err.start].decode("utf-8-sig", errors="replace")
-        line = prefix.count("\n") + 1
-        column = len(prefix) - (prefix.rfind("\n") + 1) + 1
-        text = data.decode("utf-8-sig", errors="replace")
-        raise AttnccError(
-            Diagnostic(
-                f"`{filename}` is not UTF-8 text (byte 0x{data[err.start]:02x})",
-                Span(filename, line, column, line, column + 1),
-                "save the spec as UTF-8",
-            ),
-            text,
-        ) from None
-    return parse_spec(source, filename)
+    return parse_spec(read_spec_source(path), os.fspath(path))

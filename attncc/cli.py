@@ -19,7 +19,7 @@ from collections.abc import Callable
 import click
 
 from attncc import __version__
-from attncc.errors import AttnccError
+from attncc.errors import AttnccError, Diagnostic, printable
 
 
 def _reporting_errors(command: Callable) -> Callable:
@@ -68,10 +68,36 @@ def compile_command(spec: str, output: str) -> None:
     if output == "-":
         click.echo(source, nl=False)
     else:
-        from pathlib import Path
+        _write_output(spec, output, source)
+        click.echo(f"attncc: wrote {printable(output)}", err=True)
 
-        Path(output).write_text(source)
-        click.echo(f"attncc: wrote {output}", err=True)
+
+def _write_output(spec: str, output: str, text: str) -> None:
+    """Write the module to `output`; a path that cannot take it is a clean error."""
+    import os
+
+    shown = printable(output)
+    try:
+        if os.path.exists(output) and os.path.samefile(spec, output):
+            raise AttnccError(
+                Diagnostic(
+                    f"`{shown}` is the spec itself; writing the module there would replace it",
+                    hint="name another file with -o, e.g. `-o kernel.py`",
+                )
+            )
+    except OSError:
+        pass  # samefile could not stat one of them: the write below says what is wrong
+    try:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        hint = None
+        if isinstance(err, FileNotFoundError):
+            hint = "create the folder first, or pick a path in an existing one"
+        elif isinstance(err, IsADirectoryError):
+            hint = "name a file inside it, e.g. `-o " + os.path.join(output, "kernel.py") + "`"
+        raise AttnccError(Diagnostic(f"cannot write `{shown}`: {reason}", hint=hint)) from None
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

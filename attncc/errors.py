@@ -13,35 +13,89 @@ from dataclasses import dataclass
 
 from attncc.ir import Span
 
+_SNIPPET_WIDTH = 100  # characters of a long line shown around the caret
+MAX_SHOWN = 50  # diagnostics rendered; the rest are counted (all stay in .diagnostics)
+
+
+def printable(text: str) -> str:
+    """text itself when it prints as one plain line, else its escaped repr.
+
+    For names of files in messages: a file name may hold a newline or a terminal
+    control character, which must not break (or forge) the lines of a message.
+    """
+    return text if text.isprintable() else repr(text)
+
+
+@dataclass(frozen=True)
+class Note:
+    """A secondary place that explains a diagnostic ("the other block is here")."""
+
+    message: str
+    span: Span
+
+
+def _snippet(span: Span, lines: list[str]) -> list[str]:
+    """The span's line, and a caret under the span; long lines cut to a window."""
+    if not 1 <= span.line <= len(lines):
+        return []
+    text = lines[span.line - 1]
+    start = span.column - 1
+    width = 1
+    if span.end_line == span.line:
+        width = max(1, span.end_column - span.column)
+    width = min(width, _SNIPPET_WIDTH)
+    left, right = "", ""
+    if len(text) > _SNIPPET_WIDTH:
+        first = max(0, min(start - _SNIPPET_WIDTH // 4, len(text) - _SNIPPET_WIDTH))
+        if first > 0:
+            left = "..."
+        if first + _SNIPPET_WIDTH < len(text):
+            right = "..."
+        text = text[first : first + _SNIPPET_WIDTH]
+        start -= first
+    # Control characters would move the caret (or the terminal): show them escaped,
+    # keeping one column each so the caret stays under its character.
+    shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in text)
+    gutter = f"{span.line:>4} | "
+    # Tabs stay tabs under the caret, so it lines up however wide the terminal shows them.
+    pad = "".join("\t" if c == "\t" else " " for c in shown[:start])
+    pad += " " * max(0, start - len(shown))
+    return [gutter + left + shown + right, " " * (len(gutter) + len(left)) + pad + "^" * width]
+
 
 @dataclass(frozen=True)
 class Diagnostic:
     message: str
     span: Span | None = None
     hint: str | None = None
+    notes: tuple[Note, ...] = ()
 
-    def render(self, source: str | None = None) -> str:
-        if self.span is None:
-            head = f"error: {self.message}"
-        else:
-            s = self.span
-            head = f"{s.file}:{s.line}:{s.column}: error: {self.message}"
-        lines = [head]
-        if self.span is not None and source is not None:
-            # Lines as the parser counts them: split at "\n" only (splitlines() would
-            # also split at form feeds and other separators, shifting every line after).
-            text_lines = [line.rstrip("\r") for line in source.split("\n")]
-            if 1 <= self.span.line <= len(text_lines):
-                text = text_lines[self.span.line - 1]
-                gutter = f"{self.span.line:>4} | "
-                width = 1
-                if self.span.end_line == self.span.line:
-                    width = max(1, self.span.end_column - self.span.column)
-                lines.append(gutter + text)
-                lines.append(" " * (len(gutter) + self.span.column - 1) + "^" * width)
+    def render(self, source: str | None = None, lines: list[str] | None = None) -> str:
+        """The diagnostic as shown to a user; `lines` may pass the source already split."""
+        if lines is None and source is not None:
+            lines = _source_lines(source)
+        out = [_head(self.span, "error", self.message)]
+        if self.span is not None and lines is not None:
+            out += _snippet(self.span, lines)
+        for note in self.notes:
+            out.append(_head(note.span, "note", note.message))
+            if lines is not None:
+                out += _snippet(note.span, lines)
         if self.hint:
-            lines.append(f"  hint: {self.hint}")
-        return "\n".join(lines)
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+
+def _head(span: Span | None, kind: str, message: str) -> str:
+    if span is None:
+        return f"{kind}: {message}"
+    return f"{printable(span.file)}:{span.line}:{span.column}: {kind}: {message}"
+
+
+def _source_lines(source: str) -> list[str]:
+    # Lines as the parser counts them: split at "\n" only (splitlines() would
+    # also split at form feeds and other separators, shifting every line after).
+    return [line.rstrip("\r") for line in source.split("\n")]
 
 
 class AttnccError(Exception):
@@ -55,7 +109,11 @@ class AttnccError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        return "\n\n".join(d.render(self.source) for d in self.diagnostics)
+        lines = None if self.source is None else _source_lines(self.source)  # split once
+        shown = [d.render(lines=lines) for d in self.diagnostics[:MAX_SHOWN]]
+        if len(self.diagnostics) > MAX_SHOWN:
+            shown.append(f"... and {len(self.diagnostics) - MAX_SHOWN} more errors")
+        return "\n\n".join(shown)
 
 
 def nearest(word: str, candidates: Iterable[str]) -> str | None:

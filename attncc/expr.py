@@ -14,6 +14,8 @@ sigmoid, logsigmoid or softplus for any finite input).
 
 from __future__ import annotations
 
+import math
+
 import sympy
 from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
@@ -147,19 +149,37 @@ class _CodePrinter(StrPrinter):
     def _print_sign(self, expr):
         return self._call("sign", expr)
 
+    def _number(self, expr) -> str:
+        # The front end refuses constants outside float32's range (check.py); this
+        # guard keeps `inf` or `nan`, which would be NameErrors, out of generated code.
+        value = float(expr)
+        if not math.isfinite(value):
+            raise ValueError(f"internal error: the constant {expr} is not a finite float")
+        return repr(value)
+
     def _print_Rational(self, expr):
-        return repr(float(expr))
+        return self._number(expr)
 
     def _print_Integer(self, expr):
-        return repr(float(expr))
+        return self._number(expr)
 
     def _print_Float(self, expr):
-        return repr(float(expr))
+        return self._number(expr)
+
+    def _print_NumberSymbol(self, expr):  # E, pi, ...: the language has no name for them
+        return self._number(expr)
 
     def _print_Exp1(self, expr):
-        return repr(float(sympy.E))
+        return self._number(expr)
+
+    def _print_Infinity(self, expr):
+        raise ValueError("internal error: infinity in an expression")
+
+    _print_NegativeInfinity = _print_NaN = _print_ComplexInfinity = _print_Infinity
 
     def _print_Symbol(self, expr):
+        if expr != X:  # the only variable of the language
+            raise ValueError(f"internal error: unknown symbol {expr} in an expression")
         return expr.name
 
     def _print_Pow(self, expr, rational=False):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import pprint
+import re
 
 import jinja2
 
@@ -28,6 +30,46 @@ def _environment() -> jinja2.Environment:
         line[n:] if not line[:n].strip() else line for line in str(text).split("\n")
     )
     return env
+
+
+_PLAIN_LINE = re.compile(r"[ -~]*")  # printable ASCII: nothing that could end a line
+
+
+def comment_text(text: str) -> str:
+    """text made safe for a line of generated source: itself when it is plain
+    printable ASCII, else its ascii() escape (one line of printable ASCII).
+
+    The one way a string taken from a path or a file reaches a generated comment: a
+    file name may hold a newline, a carriage return or any other character that
+    Python or `str.splitlines` reads as a line break, which would turn the rest of the
+    name into code run on import.
+    """
+    return text if _PLAIN_LINE.fullmatch(text) else ascii(text)
+
+
+def top_level_names(tree: ast.Module) -> list[str]:
+    """Every name a module's top-level statements bind, in order, repeats included."""
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names += [(a.asname or a.name).split(".")[0] for a in node.names]
+    return names
+
+
+def _check_generated(text: str) -> None:
+    """Internal guard: the module parses, and no top-level name is bound twice (two
+    blocks defining one helper would otherwise surface only when a kernel runs)."""
+    tree = ast.parse(text)
+    seen: set[str] = set()
+    for name in top_level_names(tree):
+        if name in seen:
+            raise AssertionError(f"internal error: the generated module defines `{name}` twice")
+        seen.add(name)
 
 
 def spec_hash(source: str) -> str:
@@ -67,7 +109,7 @@ def render_module(
         summaries={p.name: summary(p) for p in plans},
         helpers=helpers,
         version=__version__,
-        filename=filename,
+        filename_comment=comment_text(filename),
         spec_hash=spec_hash(source),
         source_literal=repr(source),
         configs_literal=pprint.pformat(tuned_configs or {}, width=90, sort_dicts=True),
@@ -81,4 +123,6 @@ def render_module(
         blank = blank + 1 if not line.strip() else 0
         if blank <= 2:
             lines.append(line.rstrip())
-    return "\n".join(lines).rstrip() + "\n"
+    text = "\n".join(lines).rstrip() + "\n"
+    _check_generated(text)
+    return text

@@ -239,8 +239,38 @@ def test_scale_division_by_zero():
     )
 
 
+FP32_HINT = "the kernels compute in float32, whose {} value is {}"
+
+
 def test_scale_too_small():
-    check(only(block("    scale = 1e-320")), 2, 13, "`scale` `1e-320` is too small for a float")
+    check(
+        only(block("    scale = 1e-320")),
+        2,
+        13,
+        "`scale` `1e-320` is too small for float32",
+        FP32_HINT.format("smallest normal", "1.175e-38"),
+    )
+
+
+def test_scale_below_float32_but_a_float64():
+    check(
+        only(block("    scale = 1e-39")),
+        2,
+        13,
+        "`scale` `1e-39` is too small for float32",
+        FP32_HINT.format("smallest normal", "1.175e-38"),
+    )
+
+
+def test_scale_above_float32_but_a_float64():
+    # Was accepted, and every fp32 kernel overflowed.
+    check(
+        only(block("    scale = 1e39")),
+        2,
+        13,
+        "`scale` `1e39` is too large for float32",
+        FP32_HINT.format("largest", "3.403e+38"),
+    )
 
 
 def test_scale_too_large():
@@ -444,7 +474,18 @@ def test_every_whitelisted_function_can_be_evaluated_as_a_constant():
 
 def test_expression_nested_too_deeply():
     d = only(block("    feature_map = " + "exp(" * 120 + "x" + ")" * 120))
-    check(d, 2, 19 + 4 * 101, "expression nested too deeply (more than 100 levels)")
+    check(
+        d,
+        2,
+        19 + 4 * 32 + 3,
+        "expression nested too deeply (more than 32 levels of parentheses)",
+        "simplify the expression",
+    )
+
+
+def test_expression_nested_too_deeply_without_parentheses():
+    d = only(block("    feature_map = " + "x**" * 40 + "x"))
+    check(d, 2, 19 + 3 * 32, "expression nested too deeply (more than 32 levels)")
 
 
 # -- combinations of keys -------------------------------------------------------------------
@@ -533,18 +574,44 @@ def test_duplicate_block_names():
 
 
 @pytest.mark.parametrize(
-    "first, second, clash",
-    [("a", "a_step", "a_step"), ("a_sp", "a", "a_sp"), ("a", "a_reference", "a_reference")],
+    "first, second",
+    [
+        ("a", "a_step"),
+        ("a_sp", "a"),
+        ("a", "a_reference"),
+        ("a", "a_k_map"),
+        ("a", "a_q_map"),
+        ("a", "a_gate"),
+        ("a", "a_config"),
+        ("a_x", "a"),
+        ("lin", "lin_b_c"),
+    ],
 )
-def test_generated_names_clash(first, second, clash):
+def test_generated_names_clash(first, second):
+    # `a` and `a_k_map` both made `_a_k_map_...` helpers: check and compile passed and
+    # one block's backward crashed. The longer name is refused, the other one noted.
     d = only(f"attention {first} {{}}\nattention {second} {{}}\n")
+    longer, shorter = (first, second) if len(first) > len(second) else (second, first)
+    line, other_line = (1, 2) if longer == first else (2, 1)
     check(
         d,
-        2,
+        line,
         11,
-        f"`attention {second}` and `attention {first}` (line 1) both generate a function named `{clash}`",
-        "rename one of the two blocks",
+        f"the names generated for `attention {longer}` may clash with those for "
+        f"`attention {shorter}` (line {other_line}), which start with `{shorter}_` or "
+        f"`_{shorter}_`",
+        f"rename one of the two blocks, e.g. `attention {longer.replace('_', '')}`",
     )
+    (note,) = d.notes
+    assert note.message == f"block `{shorter}` is defined here"
+    assert (note.span.line, note.span.column) == (other_line, 11)
+    rendered = str(AttnccError(d, f"attention {first} {{}}\nattention {second} {{}}\n"))
+    assert f"t.attn:{other_line}:11: note: block `{shorter}` is defined here" in rendered
+
+
+@pytest.mark.parametrize("first, second", [("a", "ab"), ("ab", "a_b"), ("ab_c", "a_bc")])
+def test_names_that_only_look_alike_do_not_clash(first, second):
+    parse_spec(f"attention {first} {{}}\nattention {second} {{}}\n")
 
 
 @pytest.mark.parametrize("source", ["", "# only a comment\n", "\n\n"])
@@ -577,7 +644,7 @@ def test_file_that_is_not_utf8(tmp_path):
     with pytest.raises(AttnccError) as info:
         load_spec_file(path)
     (d,) = info.value.diagnostics
-    assert d.message == f"`{path}` is not UTF-8 text (byte 0xff)"
+    assert d.message == f"`{path}` is not UTF-8 text (byte 0xff at offset 16)"
     assert (d.span.line, d.span.column) == (2, 3)
     assert d.hint == "save the spec as UTF-8"
 

@@ -21,6 +21,7 @@ from attncc.describe import describe
 from attncc.errors import AttnccError
 from attncc.expr import FUNCTIONS
 from attncc.ir import SpecFile
+from attncc.parse import normalize_source
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOURCES = [p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.attn"))]
@@ -92,7 +93,8 @@ def check_outcome(source: str) -> SpecFile | None:
     except AttnccError as err:
         assert str(err).strip()
         assert err.diagnostics
-        lines = source.split("\n")
+        # Lines as an editor shows them: "\r\n" and a lone "\r" end a line too.
+        lines = normalize_source(source).split("\n")
         for d in err.diagnostics:
             assert d.message.strip()
             if d.span is None:
@@ -256,3 +258,73 @@ def test_pathological_inputs():
         "attention a { scale = 0." + "0" * 5000 + "1 }",
     ]:
         check_outcome(source)
+
+
+# -- every entry point: check, compile and the command line ----------------------------------
+
+
+def _through_every_entry_point(data: bytes, directory: Path) -> None:
+    """Bytes on disk -> check, compile, CLI: a result or an AttnccError, nothing else."""
+    from click.testing import CliRunner
+
+    from attncc.check import load_spec_file
+    from attncc.cli import main
+    from attncc.compiler import compile_file, compile_source
+
+    path = directory / "fuzz.attn"
+    path.write_bytes(data)
+    outcomes = []
+    for run in (load_spec_file, compile_file):
+        try:
+            run(path)
+            outcomes.append(True)
+        except AttnccError as err:
+            assert str(err).strip()
+            outcomes.append(False)
+    assert outcomes[0] == outcomes[1], data  # check and compile agree
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        try:
+            compile_source(text, "fuzz.attn")
+            assert outcomes[0], data
+        except AttnccError:
+            assert not outcomes[0], data
+    for command in ("check", "compile"):
+        result = CliRunner().invoke(main, [command, str(path)])
+        assert result.exit_code == (0 if outcomes[0] else 1), (command, data, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result
+        assert "Traceback" not in result.output
+
+
+SMALL_FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@SMALL_FUZZ
+@given(st.binary(max_size=200))
+def test_random_bytes_through_every_entry_point(tmp_path_factory, data):
+    _through_every_entry_point(data, tmp_path_factory.mktemp("fuzz"))
+
+
+@SMALL_FUZZ
+@given(
+    mutated_examples(),
+    st.sampled_from(["", "\ufeff"]),
+    st.sampled_from(["\n", "\r\n", "\r"]),
+)
+def test_mutated_examples_through_every_entry_point(tmp_path_factory, source, bom, newline):
+    data = (bom + source.replace("\n", newline)).encode("utf-8", errors="surrogatepass")
+    _through_every_entry_point(data, tmp_path_factory.mktemp("fuzz"))
+
+
+def test_adversarial_inputs_through_every_entry_point(tmp_path):
+    import time
+
+    from test_frontend_limits import ADVERSARIAL
+
+    for name, source in ADVERSARIAL.items():
+        start = time.perf_counter()
+        _through_every_entry_point(source.encode(), tmp_path)
+        assert time.perf_counter() - start < 10, name  # check, compile and two CLI runs
