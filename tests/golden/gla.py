@@ -470,9 +470,6 @@ def _gla_fwd_again_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
-    split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
-        split_dtype = tl.float32
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
