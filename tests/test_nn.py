@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -305,10 +306,16 @@ def test_extra_repr(spec_dir):
 
 
 def test_train_lm_example_smoke(spec_dir, capsys):
+    """Three training steps (reference backend), then decoding with the step kernel."""
     spec = importlib.util.spec_from_file_location("train_lm", EXAMPLES / "train_lm.py")
     train_lm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_lm)
     train_lm.main(["--steps", "3", "--hidden", "16", "--heads", "2", "--seq-len", "16",
-                   "--batch", "2", "--generate", "20", "--log-every", "1", "--device", "cpu"])
+                   "--batch", "2", "--generate", "10", "--log-every", "1", "--device", "cpu",
+                   "--backend", "reference", "--decode-backend", "kernel", "--threads", "0"])
     out = capsys.readouterr().out
-    assert "step 3" in out and "tokens/s" in out and "generated" in out
+    assert re.search(r"step +3 +loss [0-9.]+ +[0-9]+ tokens/s", out), out
+    assert "generated 10 characters" in out and "backend=kernel" in out, out
+    # The decode path (prefill + NAME_step) agreed with one full pass.
+    gap = float(re.search(r"max diff ([0-9.e+-]+)", out).group(1))
+    assert gap < 1e-4, out
