@@ -256,9 +256,10 @@ class LinearAttention(torch.nn.Module):
         # bias or a mixed-precision module could leave them apart.
         k = self.k_proj(x).view(B, T, H_kv, D).to(q.dtype)
         v = self.v_proj(x).view(B, T, H_kv, E).to(q.dtype)
+        out_dtype = q.dtype
         if self.backend == "kernel" and x.device.type == "cpu" and q.dtype == torch.bfloat16:
             # Triton's CPU interpreter has no bfloat16 (its results are garbage, not an
-            # error): run the kernels in float32 there; y comes back in autocast's dtype.
+            # error): run the kernels in float32 there, and hand o back in bfloat16.
             q, k, v = q.float(), k.float(), v.float()
         decay = self.decay_input(x)
         keep_state = use_cache or state is not None
@@ -282,7 +283,7 @@ class LinearAttention(torch.nn.Module):
                 q, k, v, *extra, initial_state=state, output_final_state=keep_state,
                 cu_seqlens=cu_seqlens,
             )
-        y = self.o_proj(o.reshape(B, T, H * E))
+        y = self.o_proj(o.reshape(B, T, H * E).to(out_dtype))
         if not keep_state:
             return y, None
         # The reference keeps its state in the inputs' dtype; the kernels' states are float32.

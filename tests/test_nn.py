@@ -319,3 +319,18 @@ def test_train_lm_example_smoke(spec_dir, capsys):
     # The decode path (prefill + NAME_step) agreed with one full pass.
     gap = float(re.search(r"max diff ([0-9.e+-]+)", out).group(1))
     assert gap < 1e-4, out
+
+
+def test_bf16_module_on_cpu(spec_dir):
+    """A layer made in bf16 (no autocast) returns bf16, and agrees with its fp32 twin."""
+    layer = _layer(spec_dir, "per_token_gate")
+    half = _layer(spec_dir, "per_token_gate", dtype=torch.bfloat16)
+    half.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 6, HIDDEN)
+    with torch.no_grad():
+        y, state = half(x.bfloat16(), use_cache=True)
+        y_t, _ = half(x[:, :1].bfloat16(), state=state)
+        y32, s32 = layer(x, use_cache=True)
+    assert y.dtype == torch.bfloat16 and y_t.dtype == torch.bfloat16
+    _close(y.float(), y32, rtol=5e-2)
+    _close(state, s32, rtol=5e-2)
