@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["AttnccError", "load", "__version__"]
+__all__ = ["AttnccError", "load", "nn", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from attncc.errors import AttnccError
 
         return AttnccError
+    if name == "nn":  # the layer module imports torch
+        import importlib
+
+        return importlib.import_module("attncc.nn")
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
