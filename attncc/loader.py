@@ -18,6 +18,7 @@ Safety, as the cache is shared by threads and by processes:
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import linecache
 import os
@@ -154,10 +155,13 @@ def _read_spec(spec_path: Path) -> bytes:
     if stat.S_ISDIR(mode):
         raise AttnccError(Diagnostic(f"cannot read {spec_path}: it is a directory",
                                      hint="pass the path of a .attn file")) from None
-    data = _read_regular(spec_path)
-    if data is None:
-        raise AttnccError(Diagnostic(f"cannot read {spec_path}: not a readable regular file")) from None
-    return data
+    if not stat.S_ISREG(mode):
+        raise AttnccError(Diagnostic(f"cannot read {spec_path}: not a regular file",
+                                     hint="pass the path of a .attn file")) from None
+    try:
+        return spec_path.read_bytes()
+    except OSError as error:
+        raise AttnccError(Diagnostic(f"cannot read {spec_path}: {error.strerror or error}")) from None
 
 
 def _spec_text(spec_path: Path, data: bytes) -> str:
@@ -184,7 +188,7 @@ def _tuned_bytes(spec_path: Path) -> bytes | None:
 
 def _key(spec_path: Path, spec: bytes, tuned: bytes | None) -> str:
     digest = hashlib.sha256()
-    for part in (spec_path.name.encode(), spec, b"-" if tuned is None else b"+" + tuned,
+    for part in (os.fsencode(spec_path.name), spec, b"-" if tuned is None else b"+" + tuned,
                  __version__.encode(), _code_fingerprint().encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
@@ -241,7 +245,10 @@ def _exec_source(path: Path, module_name: str, source: str) -> ModuleType:
     reads exactly what was run even if the file is replaced later.
     """
     filename = str(path)
-    spec = importlib.util.spec_from_file_location(module_name, filename)
+    # The loader is named so that any file name works (spec_from_file_location guesses
+    # one from the suffix); it is never asked to run the module, so no .pyc is involved.
+    loader = importlib.machinery.SourceFileLoader(module_name, filename)
+    spec = importlib.util.spec_from_file_location(module_name, filename, loader=loader)
     module = importlib.util.module_from_spec(spec)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     code = compile(source, filename, "exec", dont_inherit=True)
@@ -297,7 +304,8 @@ def _store(entry_name: str, text: str, primary: Path, fallback: Path) -> Path:
 def load(spec_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> ModuleType:
     """Compile `spec_path` (or reuse the cached module) and import it.
 
-    `cache_dir` overrides $ATTNCC_CACHE_DIR (default ~/.cache/attncc). If the cache cannot
+    `cache_dir` overrides $ATTNCC_CACHE_DIR (default ~/.cache/attncc); a module already
+    loaded in this process is returned whatever the folder, as its key is the same. If it cannot
     be written, a per-user folder in the temp dir is used instead, with a warning. Safe to
     call from several threads and processes at once; each gets the fully imported module.
     """

@@ -248,7 +248,8 @@ def test_an_unusable_cache_dir_falls_back_with_a_warning(tmp_path, monkeypatch):
     assert body_of(Path(module.__file__)) == compile_file(spec)
 
 
-def test_a_directory_in_place_of_a_cache_entry_falls_back(tmp_path, cache):
+def test_a_directory_in_place_of_a_cache_entry_falls_back(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     spec = new_spec(tmp_path)
     module = loader.load(spec)
     entry = Path(module.__file__)
@@ -259,6 +260,7 @@ def test_a_directory_in_place_of_a_cache_entry_falls_back(tmp_path, cache):
         warnings.simplefilter("always")
         again = loader.load(spec)
     assert callable(again.tiny)
+    assert Path(again.__file__).is_relative_to(tmp_path / "tmp")
     assert any(str(entry) in str(w.message) for w in caught)
 
 
@@ -272,6 +274,25 @@ def test_no_usable_cache_dir_at_all_is_an_attncc_error(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         with pytest.raises(AttnccError, match="ATTNCC_CACHE_DIR"):
             loader.load(spec)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_fallback_dir_others_can_write_is_not_used(tmp_path, monkeypatch):
+    # Code is imported from the fallback in the shared temp dir: one that another user
+    # could have planted entries in must be refused, not trusted.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    shared = loader._fallback_dir()
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    spec = new_spec(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AttnccError, match="not a private folder"):
+            loader.load(spec)
+    assert list(shared.iterdir()) == []
 
 
 def test_a_cache_hit_does_not_run_the_compiler(tmp_path, cache, monkeypatch):
@@ -376,3 +397,18 @@ def test_the_code_fingerprint_follows_every_file(tmp_path):
     assert loader._fingerprint([tmp_path / "t", tmp_path / "g.lark"]) == before
     (tmp_path / "t" / "b.j2").write_text("")
     assert loader._fingerprint([tmp_path / "t", tmp_path / "g.lark"]) != before
+
+
+def test_the_cache_dir_option_overrides_the_environment(tmp_path, cache):
+    spec = new_spec(tmp_path)
+    module = loader.load(spec, cache_dir=tmp_path / "elsewhere")
+    assert Path(module.__file__).parent == tmp_path / "elsewhere"
+    assert not cache.exists()
+
+
+def test_import_path_runs_the_file_and_inspect_reads_it(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("import inspect\n\ndef f():\n    return 41 + 1\n\nSOURCE = inspect.getsource(f)\n")
+    module = loader.import_path(path, f"attncc_test_plain_{uuid.uuid4().hex}")
+    assert module.f() == 42 and module.SOURCE.startswith("def f():")
+    assert sys.modules[module.__name__] is module and module.__file__ == str(path)
