@@ -79,9 +79,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1,512,4,128")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run the specs whose label contains this")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
-    for label in SPECS:
+    for label in (x for x in SPECS if args.only is None or args.only in x):
         for seed in range(args.seeds):
             check(label, shape, seed)
     return 0
