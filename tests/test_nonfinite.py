@@ -156,3 +156,22 @@ def test_a_zero_decay_resets_the_state(name, reset):
     for label, a, b in zip(["dq", "dk", "dv", "d_decay"], ours, theirs, strict=True):
         assert torch.isfinite(a.grad).all(), f"{label} not finite"
         assert_same_values(a.grad.double().cpu(), b.grad, label, tol=1e-4)
+
+
+def test_feature_map_helpers_keep_nan_on_the_gpu():
+    """On the GPU a plain tl.maximum / tl.minimum returns the other operand for a NaN
+    (fmax), so relu(NaN) or elu(NaN) would come out finite there: seen on the H200 for
+    the elu(x) + 1 specs above. The interpreter's numpy keeps NaN, so this checks the
+    generated helpers themselves: every max/min in them propagates NaN."""
+    import re
+
+    from attncc.render import render_module
+
+    source = render_module([spec_for("gla_raw"), spec_for("katharopoulos")], "# probe\n", "probe.attn")
+    helpers = re.findall(r"@triton\.jit\ndef (_\w+)\(x\):\n    return (.*)\n", source)
+    assert {"_relu", "_elu", "_elu_grad"} <= {name for name, _ in helpers}
+    for name, body in helpers:
+        if name in ("_logsigmoid", "_softplus"):  # their log(1 + exp(-|x|)) term carries NaN
+            continue
+        for call in re.findall(r"tl\.(?:maximum|minimum)\([^()]*\)", body):
+            assert "propagate_nan=tl.PropagateNan.ALL" in call, f"{name}: {call}"
