@@ -179,6 +179,9 @@ def test_per_channel_path_flag_lets_one_launch_write(monkeypatch):
     assert rel_error(fn(q, k, v, g)[0], expected) < TOLERANCE[torch.float32]  # the exact path
     fast_only = lambda decay, chunk: torch.zeros(1, dtype=torch.int32, device=decay.device)  # noqa: E731
     monkeypatch.setattr(module, f"_{spec.name}_exact_path_flag", fast_only)
+    # The forced fast path overflows (exp(1600)); the recompute of programs whose state is
+    # not finite would repair that, so it is switched off to see the fast launch's output.
+    monkeypatch.setattr(module, f"_{spec.name}_outputs_again_where_nonfinite", lambda *args: None)
     forced = fn(q, k, v, g)[0].double().cpu()
     assert not torch.allclose(forced, expected.cpu(), rtol=1e-3, atol=1e-3)
 

@@ -469,12 +469,18 @@ def _lightning_bwd_dq_kernel(
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dscores *= pair_decay
+        if STORE_DB:  # the diagonal apart (see below)
+            dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
         dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
         dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
         dq += dq_from_start * tl.exp(b[:, None])
         dq *= scale
         if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
+            # Without the pair (t, t): it adds scale (q_t·k_t)(do_t·v_t) to q ⊙ dq and to k ⊙ dk
+            # alike, which cancel in the decay gradient only up to rounding, and for fast
+            # decays that rounding would be all of it. Added to dq afterwards.
             tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(q * dq, axis=1), mask=mask_t)
+            dq += scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)[:, None] * k
         dx_q = _lightning_q_map_backward(x_q, q, dq, mask_td)
         tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                  dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
@@ -542,6 +548,8 @@ def _lightning_bwd_dkv_kernel(
             decay_t = pair_decay
             scores_t *= decay_t
             dscores_t *= decay_t
+            if STORE_DB:  # the diagonal apart, as in the dq kernel
+                dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
             dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
             dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
             # Later chunks see this chunk's keys and values through the state.
@@ -556,6 +564,7 @@ def _lightning_bwd_dkv_kernel(
         if not STATE_ONLY:
             if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                 tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(k * dk, axis=1), mask=mask_t)
+                dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q  # the pair (t, t)
             dx_k = _lightning_k_map_backward(x_k, k, dk, mask_td)
             tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                      dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
