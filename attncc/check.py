@@ -81,6 +81,10 @@ SCALE_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh")
 # Module-level names of the generated module that belong to no block (its imports,
 # constants and shared helpers). tests/test_frontend_limits.py renders modules and checks
 # that every top-level name is one of these or lies in a block's namespace (see below).
+# Characters of printed kernel code for one expression or its derivative: compiles stay
+# fast (a spec of 100 bytes nesting (x + 1)**-7 six deep printed 11.8 MB in 67 s).
+MAX_PRINTED_SIZE = 20_000
+
 SHARED_NAMES = frozenset(
     {
         "reference",
@@ -547,8 +551,19 @@ class _Checker:
         return result
 
     def check_float32(self, value: lark.Tree, result: sympy.Expr, context: _Context) -> None:
-        """Every constant the kernels compute, forward and backward, must be a float32."""
+        """Every constant the kernels compute, forward and backward, must be a float32;
+        and the printed kernel code of both must stay small (see ex.printed_size)."""
         for role, expr in (("", result), ("the derivative of ", ex.derivative(result))):
+            size = ex.printed_size(expr)
+            if size > MAX_PRINTED_SIZE:
+                self.error(
+                    f"{role}the {context.what} `{self.text(value)}` would print as about {size} "
+                    f"characters of kernel code (integer powers are written out as products); "
+                    f"at most {MAX_PRINTED_SIZE}",
+                    value,
+                    "nest fewer powers, or use smaller exponents",
+                )
+                raise _Refused
             bad = _float32_problem(expr)
             if bad is None:
                 continue

@@ -153,7 +153,7 @@ def read_tuned_configs(spec_path: str | Path) -> dict:
     except UnicodeDecodeError as err:
         raise refuse(f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
     try:
-        entries = json.loads(text, parse_constant=_refuse_constant)
+        entries = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         span = Span(os.fspath(path), err.lineno, err.colno, err.lineno, err.colno + 1)
         raise refuse(f"invalid JSON: {err.msg}", span, text) from None
@@ -172,6 +172,15 @@ def read_tuned_configs(spec_path: str | Path) -> dict:
             raise refuse(f"entry {index}: {problem}")
         configs[key] = dict(entry["config"])
     return configs
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"the key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
 
 
 def compile_source(source: str, filename: str = "<string>", tuned_configs: dict | None = None) -> str:
@@ -195,6 +204,13 @@ def _compile(source: str, filename: str, header_name: str, tuned_configs: dict |
     specs = parse_spec(source, filename)
     # Checked here too: configs passed in by a caller reach the module as they are.
     configs = check_tuned_configs(dict(tuned_configs or {}))
+    names = {spec.name for spec in specs.specs}
+    strangers = sorted({name for name, _, _ in configs if name not in names})
+    if strangers:
+        raise AttnccError(Diagnostic(
+            f"tuned configs name `{strangers[0]}`, which is no attention block of {filename}",
+            hint=f"the blocks are {', '.join(f'`{n}`' for n in sorted(names))}; run `attncc tune` again",
+        ))
     return render_module(specs, source, header_name, configs)
 
 

@@ -109,6 +109,24 @@ class absolute(sympy.Function):
         return sign(self.args[0])
 
 
+def printed_size(expr: sympy.Expr, memo: dict | None = None) -> int:
+    """About how many characters `expr` takes once printed for the kernels, where an
+    integer power is spelled out as a product (a**-7 prints `a` seven times): nested
+    powers grow the printed code geometrically even when the expression stays small.
+    Memoized on subexpressions, so it costs one pass over the expression's DAG."""
+    memo = {} if memo is None else memo
+    if expr in memo:
+        return memo[expr]
+    if not expr.args:
+        size = len(str(expr)) + 4
+    elif isinstance(expr, sympy.Pow) and expr.args[1].is_Integer:
+        size = abs(int(expr.args[1])) * (printed_size(expr.args[0], memo) + 3) + 10
+    else:
+        size = sum(printed_size(arg, memo) for arg in expr.args) + 10
+    memo[expr] = size
+    return size
+
+
 def derivative(expr: sympy.Expr) -> sympy.Expr:
     """d expr / dx, in the whitelist's vocabulary (plus `step`, `elu_grad`, `sign`)."""
     return sympy.diff(expr.replace(sympy.Abs, absolute), X)

@@ -91,3 +91,80 @@ def test_half_precision_step_matches_the_reference(kind):
     assert o_t.dtype == torch.bfloat16
     assert rel_error(o_t, o_ref[:, 0]) < TOLERANCE[torch.bfloat16]
     assert rel_error(new_state, state_ref) < TOLERANCE[torch.bfloat16]
+
+
+# Found by a red-team pass over the merged trust fixes.
+
+def test_an_overflowing_product_of_a_dropped_pair_stays_out_of_earlier_tokens():
+    """q_18 = 1e30 against a later k_21 = 1e10: their product overflows float32, but the
+    pair (18, 21) is not causal. A product with the mask's zeros made o_18 NaN."""
+    spec = AttentionSpec(name="overflow_pairs", decay=Decay.PER_TOKEN, chunk=16)
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 40, 1, 4, generator=gen), torch.randn(1, 40, 1, 4, generator=gen)
+    v, g = torch.randn(1, 40, 1, 3, generator=gen), -torch.rand(1, 40, 1, generator=gen)
+    q[0, 18] = 1e30
+    k[0, 21] = 1e10
+    o = module.overflow_pairs(*(x.to(DEVICE) for x in (q, k, v, g)))[0].cpu().double()
+    expected = module.overflow_pairs_reference(q.double(), k.double(), v.double(), g.double())[0]
+    assert torch.isfinite(o[0, :21]).all()
+    assert rel_error(o[0, :21], expected[0, :21]) < TOLERANCE[torch.float32]
+
+
+def test_reference_takes_no_tokens_and_empty_sequences():
+    spec = AttentionSpec(name="ref_empty", decay=Decay.PER_TOKEN, chunk=16)
+    module = module_for(spec)
+    q, k, v = torch.randn(1, 0, 2, 4), torch.randn(1, 0, 2, 4), torch.randn(1, 0, 2, 3)
+    initial = torch.randn(1, 2, 4, 3)
+    o, state = module.ref_empty_reference(q, k, v, torch.zeros(1, 0, 2), initial_state=initial,
+                                          output_final_state=True)
+    assert o.shape == (1, 0, 2, 3) and torch.equal(state, initial)
+    q, k, v, g = torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2, 3), -torch.rand(1, 9, 2)
+    cu = torch.tensor([0, 4, 4, 9])
+    o, state = module.ref_empty_reference(q, k, v, g, cu_seqlens=cu, output_final_state=True)
+    ours, our_state = module.ref_empty(q, k, v, g, cu_seqlens=cu.to(torch.int32), output_final_state=True)
+    assert rel_error(ours, o) < TOLERANCE[torch.float32] and torch.equal(state[1], torch.zeros(2, 4, 3))
+
+
+@pytest.mark.parametrize("case", ["no kv heads", "wide", "mixed dtypes", "numpy state"])
+def test_step_refuses_bad_shapes_clearly(case):
+    spec = AttentionSpec(name="step_checks", decay=Decay.PER_TOKEN, chunk=16)
+    step = module_for(spec).step_checks_step
+    B, H, D, E = 2, 2, 4, 3
+    q, k, v = torch.randn(B, H, D), torch.randn(B, H, D), torch.randn(B, H, E)
+    state, g = torch.zeros(B, H, D, E), -torch.rand(B, H)
+    if case == "no kv heads":
+        k, v, g = k[:, :0], v[:, :0], g[:, :0]
+    elif case == "wide":
+        q, k, state = torch.randn(B, H, 300), torch.randn(B, H, 300), torch.zeros(B, H, 300, E)
+    elif case == "mixed dtypes":
+        q = q.half()
+    else:
+        state = state.numpy()
+    with pytest.raises(ValueError):
+        step(q, k, v, state, g)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-50, "0.5", True, 1j, [0.5], float("nan"),
+                                   "tensor2", "tensor_grad"])
+def test_a_bad_scale_is_refused(scale):
+    spec = AttentionSpec(name="scale_checks", decay=Decay.NONE, chunk=16)
+    fn = getattr(module_for(spec), spec.name)
+    if scale == "tensor2":
+        scale = torch.tensor([0.5, 0.5])
+    elif scale == "tensor_grad":
+        scale = torch.tensor(0.5, requires_grad=True)
+    q = torch.randn(1, 5, 1, 4)
+    with pytest.raises(ValueError, match="scale"):
+        fn(q, q, q, scale=scale)
+
+
+def test_wrong_types_are_named():
+    spec = AttentionSpec(name="type_checks", decay=Decay.NONE, chunk=16)
+    fn = getattr(module_for(spec), spec.name)
+    q = torch.randn(1, 5, 1, 4)
+    with pytest.raises(ValueError, match="initial_state must be a torch.Tensor"):
+        fn(q, q, q, initial_state=torch.zeros(1, 1, 4, 4).numpy())
+    with pytest.raises(ValueError, match="output_final_state must be True or False"):
+        fn(q, q, q, output_final_state="no")
+    assert fn(q, q, q, scale=torch.tensor(0.5))[0].shape == (1, 5, 1, 4)

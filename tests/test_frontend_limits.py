@@ -436,3 +436,39 @@ def test_check_time_is_linear_in_the_number_of_blocks():
     small, large = timed(32), timed(256)
     # Linear: 8x the blocks in about 8x the time (quadratic was about 64x); slack for noise.
     assert large < 20 * small + 0.5, (small, large)
+
+
+def test_nested_powers_are_refused_before_printing_blows_up():
+    """Integer powers print as products, so (((x + 1)**-7 + 1)**-7 ...) grows the kernel
+    code 7-fold per level: six levels took 67 s and printed 11.8 MB (red-team find)."""
+    import time
+
+    from attncc.check import MAX_PRINTED_SIZE
+    from attncc.compiler import compile_source
+
+    expression = "x"
+    for _ in range(6):
+        expression = f"({expression} + 1)**-7"
+    started = time.perf_counter()
+    with pytest.raises(AttnccError) as caught:
+        compile_source(f"attention a {{\n    feature_map = {expression}\n}}\n", "deep.attn")
+    assert time.perf_counter() - started < 3.0
+    assert "characters of kernel code" in str(caught.value)
+    small = compile_source("attention a {\n    feature_map = ((x + 1)**-7 + 1)**-7\n}\n", "ok.attn")
+    assert len(small) < 40 * MAX_PRINTED_SIZE
+
+
+def test_tuned_configs_refuse_repeated_keys_and_unknown_blocks(tmp_path):
+    from attncc.compiler import compile_file
+
+    spec = tmp_path / "t.attn"
+    spec.write_text("attention t {\n    decay = none\n}\n")
+    tuned = tmp_path / "t.attn.tuned.json"
+    tuned.write_text('[{"name": "t", "D": 16, "E": 16, "config": {"chunk": 16, "chunk": 32}}]')
+    with pytest.raises(AttnccError, match="appears twice"):
+        compile_file(spec)
+    tuned.write_text('[{"name": "renamed", "D": 16, "E": 16, "config": {"chunk": 16}}]')
+    with pytest.raises(AttnccError, match="no attention block"):
+        compile_file(spec)
+    tuned.write_text('[{"name": "t", "D": 16, "E": 16, "config": {"chunk": 32}}]')
+    assert "('t', 16, 16): {'chunk': 32}" in compile_file(spec)

@@ -92,6 +92,8 @@ def _check_shape(name, x, expected, layout):
 
 def _check_device(device, **tensors):
     for name, x in tensors.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
 
@@ -216,11 +218,22 @@ def _split_segments_cached(bounds, segment_len, device):
 
 
 def _resolve_scale(scale, default, head_dim):
+    """The call's scale as a Python float: a real number (or a one-element tensor that
+    needs no gradient: the kernels take it as a constant) in float32's normal range."""
     if scale is None:
         scale = default if default is not None else 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.requires_grad or scale.is_complex():
+            raise ValueError(
+                "scale must be a real number (a one-element tensor is taken as a constant and may "
+                f"not need gradients), got a tensor of shape {list(scale.shape)}"
+            )
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if not (1.1754944e-38 <= scale <= 3.4028235e38):  # NaN fails too
+        raise ValueError(f"scale must be a positive number in float32's normal range, got {scale}")
     return scale
 
 
@@ -1282,6 +1295,8 @@ def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
     """gla once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of gla_sp."""
     B, T, H, H_kv, D, E, starts, bounds = _gla_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
     scale = _resolve_scale(scale, None, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
@@ -1309,8 +1324,12 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     H_kv, E = k_t.shape[1], v_t.shape[2]
     _check_shape("k_t", k_t, (B, H_kv, D), ("B", "H_kv", "D"))
     _check_shape("v_t", v_t, (B, H_kv, E), ("B", "H_kv", "E"))
-    if H % H_kv != 0:
+    if H_kv < 1 or H % H_kv != 0:
         raise ValueError(f"H_kv = {H_kv} must divide H = {H}")
+    if not (1 <= D <= 256 and 1 <= E <= 256):
+        raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
+    if k_t.dtype != q_t.dtype or v_t.dtype != q_t.dtype:
+        raise ValueError(f"q_t, k_t and v_t must share one dtype, got {q_t.dtype}, {k_t.dtype}, {v_t.dtype}")
     _check_tensor("state", state, ("B", "H", "D", "E"), (torch.float32,))
     _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
     _check_tensor("gate_input", gate_input, ("B", "H_kv", "D"))
@@ -1406,6 +1425,10 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
         return torch.cat(outputs, dim=1), torch.cat(states) if output_final_state else None
     B, T, H, D = q.shape
     group = H // k.shape[2]
+    if T == 0:  # no tokens: no outputs, and the state is the initial one
+        E_state = v.shape[-1] + 0
+        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     q = _gla_q_map_reference(q)

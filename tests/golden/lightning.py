@@ -82,6 +82,8 @@ def _check_shape(name, x, expected, layout):
 
 def _check_device(device, **tensors):
     for name, x in tensors.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
 
@@ -206,11 +208,22 @@ def _split_segments_cached(bounds, segment_len, device):
 
 
 def _resolve_scale(scale, default, head_dim):
+    """The call's scale as a Python float: a real number (or a one-element tensor that
+    needs no gradient: the kernels take it as a constant) in float32's normal range."""
     if scale is None:
         scale = default if default is not None else 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.requires_grad or scale.is_complex():
+            raise ValueError(
+                "scale must be a real number (a one-element tensor is taken as a constant and may "
+                f"not need gradients), got a tensor of shape {list(scale.shape)}"
+            )
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if not (1.1754944e-38 <= scale <= 3.4028235e38):  # NaN fails too
+        raise ValueError(f"scale must be a positive number in float32's normal range, got {scale}")
     return scale
 
 
@@ -346,7 +359,8 @@ def _lightning_fwd_kernel(
             o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
             # Within the chunk: masked (decayed) quadratic attention.
             scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
-            scores *= pair_decay
+            # where, not a product with the mask's zeros: q·k of pairs the mask drops may overflow.
+            scores = tl.where(causal, scores * pair_decay, 0.0)
             o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
             tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
@@ -468,7 +482,7 @@ def _lightning_bwd_dq_kernel(
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dscores *= pair_decay
+        dscores = tl.where(causal, dscores * pair_decay, 0.0)
         if STORE_DB:  # the diagonal apart (see below)
             dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
         dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
@@ -546,8 +560,8 @@ def _lightning_bwd_dkv_kernel(
             scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
             dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             decay_t = pair_decay
-            scores_t *= decay_t
-            dscores_t *= decay_t
+            scores_t = tl.where(anticausal, scores_t * decay_t, 0.0)
+            dscores_t = tl.where(anticausal, dscores_t * decay_t, 0.0)
             if STORE_DB:  # the diagonal apart, as in the dq kernel
                 dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
             dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
@@ -997,6 +1011,8 @@ def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu
     """lightning once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of lightning_sp."""
     B, T, H, H_kv, D, E, starts, bounds = _lightning_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
     scale = _resolve_scale(scale, 1.0, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
@@ -1024,8 +1040,12 @@ def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
     H_kv, E = k_t.shape[1], v_t.shape[2]
     _check_shape("k_t", k_t, (B, H_kv, D), ("B", "H_kv", "D"))
     _check_shape("v_t", v_t, (B, H_kv, E), ("B", "H_kv", "E"))
-    if H % H_kv != 0:
+    if H_kv < 1 or H % H_kv != 0:
         raise ValueError(f"H_kv = {H_kv} must divide H = {H}")
+    if not (1 <= D <= 256 and 1 <= E <= 256):
+        raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
+    if k_t.dtype != q_t.dtype or v_t.dtype != q_t.dtype:
+        raise ValueError(f"q_t, k_t and v_t must share one dtype, got {q_t.dtype}, {k_t.dtype}, {v_t.dtype}")
     _check_tensor("state", state, ("B", "H", "D", "E"), (torch.float32,))
     _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
     _check_tensor("slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -1121,6 +1141,10 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
         return torch.cat(outputs, dim=1), torch.cat(states) if output_final_state else None
     B, T, H, D = q.shape
     group = H // k.shape[2]
+    if T == 0:  # no tokens: no outputs, and the state is the initial one
+        E_state = v.shape[-1] + 0
+        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0
     q = _lightning_q_map_reference(q)
