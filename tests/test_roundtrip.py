@@ -110,6 +110,13 @@ def _valid_elementwise(e: sympy.Expr) -> bool:
             return False
         if exponent.is_Rational and exponent.q > 100:
             return False
+    # The language's float32 rule and kernel-size bound (tested in test_frontend_limits.py).
+    from attncc.check import MAX_PRINTED_SIZE, _float32_problem
+    from attncc.expr import derivative, printed_size
+
+    for f in (e, derivative(e)):
+        if _float32_problem(f) is not None or printed_size(f) > MAX_PRINTED_SIZE:
+            return False
     return True
 
 
