@@ -168,3 +168,22 @@ def test_wrong_types_are_named():
     with pytest.raises(ValueError, match="output_final_state must be True or False"):
         fn(q, q, q, output_final_state="no")
     assert fn(q, q, q, scale=torch.tensor(0.5))[0].shape == (1, 5, 1, 4)
+
+
+def test_overflowing_dropped_pairs_stay_out_of_the_per_channel_exact_path():
+    """As above, on the per-channel sub-block path (a chunk decaying beyond e^40 takes it)."""
+    spec = AttentionSpec(name="overflow_exact", decay=Decay.PER_CHANNEL, chunk=16)
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 32, 1, 4, generator=gen), torch.randn(1, 32, 1, 4, generator=gen)
+    v, g = torch.randn(1, 32, 1, 3, generator=gen), -torch.rand(1, 32, 1, 4, generator=gen)
+    g[0, 0:16, 0, 0] = -5.0  # the first chunk decays channel 0 by e^-80: the exact path
+    q[0, 4] = 1e30
+    k[0, 6] = 1e10
+    args = [x.to(DEVICE).requires_grad_() for x in (q, k, v, g)]
+    o = module.overflow_exact(*args)[0]
+    expected = module.overflow_exact_reference(*(x.double() for x in (q, k, v, g)))[0]
+    assert torch.isfinite(o[0, :6]).all()
+    assert rel_error(o[0, :6].cpu(), expected[0, :6]) < TOLERANCE[torch.float32]
+    o[0, :6].sum().backward()  # a loss on tokens before 6: dv of token 6 onwards is 0
+    assert torch.equal(args[2].grad[0, 6:].cpu(), torch.zeros(26, 1, 3))

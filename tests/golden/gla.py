@@ -431,7 +431,8 @@ def _gla_fwd_kernel(
                                       mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
                         b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                         decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                        o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * _finite_or_zero(v_s)
+                        pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
+                        o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
                     o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
                     tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                              (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
@@ -530,7 +531,8 @@ def _gla_fwd_again_kernel(
                               mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
                 b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                 decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                o_i += tl.sum(q_i * k_s * decay_ts, axis=1)[:, None] * _finite_or_zero(v_s)
+                pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
+                o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
             o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
             tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                      (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
@@ -631,7 +633,7 @@ def _gla_bwd_dq_kernel(
                                   mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
                     b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                     decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                    dq_i += tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts
+                    dq_i += tl.where(offs_sub[:, None] >= s, tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0)
                 dq_i *= scale
                 if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
                     tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
@@ -764,8 +766,8 @@ def _gla_bwd_dkv_kernel(
                                        mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
                         b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
                         decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
-                        dv_j += tl.sum(k_j * q_t * decay_ts, axis=1)[:, None] * do_t
-                        dk_j += tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts
+                        dv_j += tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)[:, None] * do_t
+                        dk_j += tl.where(offs_sub[:, None] <= t, tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts, 0.0)
                     # Later chunks see these keys and values through the state.
                     to_end_j = tl.exp(b_last[None, :] - b_i)
                     dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
