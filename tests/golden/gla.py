@@ -424,11 +424,11 @@ def _gla_fwd_kernel(
                         o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
                     for s in range(0, SUB):  # the sub-block itself, one key row at a time
                         row_s = start + i * SUB + s
-                        mask_s = mask_d[None, :] & (row_s < seq_len)
+                        mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
                         x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
                         k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
                         v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                      mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                                      mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
                         b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                         decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
                         pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
@@ -524,11 +524,11 @@ def _gla_fwd_again_kernel(
                 o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
             for s in range(0, SUB):  # the sub-block itself, one key row at a time
                 row_s = start + i * SUB + s
-                mask_s = mask_d[None, :] & (row_s < seq_len)
+                mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
                 x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
                 k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
                 v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                              mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
                 b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                 decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
                 pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
@@ -626,11 +626,11 @@ def _gla_bwd_dq_kernel(
                     dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
                 for s in range(0, SUB):
                     row_s = start + i * SUB + s
-                    mask_s = mask_d[None, :] & (row_s < seq_len)
+                    mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
                     x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
                     k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
                     v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_e[None, :] & (row_s < seq_len), other=0.0).to(tl.float32)
+                                  mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
                     b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                     decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
                     dq_i += tl.where(offs_sub[:, None] >= s, tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0)
@@ -759,11 +759,11 @@ def _gla_bwd_dkv_kernel(
                         dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
                     for t in range(0, SUB):  # the sub-block itself, one query row at a time
                         row_t = start + j * SUB + t
-                        mask_q = mask_d[None, :] & (row_t < seq_len)
+                        mask_q = mask_d[None, :] & (offs_d[None, :] * 0 + row_t < seq_len)
                         x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
                         q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
                         do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                       mask=mask_e[None, :] & (row_t < seq_len), other=0.0).to(tl.float32)
+                                       mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_t < seq_len), other=0.0).to(tl.float32)
                         b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
                         decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
                         dv_j += tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)[:, None] * do_t
