@@ -106,6 +106,8 @@ SHARED_NAMES = frozenset(
         "_first_nonfinite_row",
         "_mark_from",
         "_kernel_dtype",
+        "_launch_key",
+        "_check_heads",
         "_block",
         "_cdiv",
         "_check_device",

@@ -156,17 +156,18 @@ def _launch(kernel, grid, *args, **meta):
     heads: D = E = 256, fp32, per-channel decay): found once per kernel, dtype and
     launch parameters, then remembered. Every kernel computes the same function at any
     chunk size, and segment lengths, multiples of the chunk asked for, stay multiples."""
-    dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
-    settings = tuple(sorted((k, x) for k, x in meta.items() if isinstance(x, (bool, int, float, str))))
-    key = (kernel, dtype, settings)
-    if key in _WHAT_FITS:
-        meta["num_stages"], block_t = _WHAT_FITS[key]
-        if block_t is not None:
-            meta["BLOCK_T"] = block_t
+    key = None
+    if _WHAT_FITS:  # the key costs host time on every launch: only once something did not fit
+        key = _launch_key(kernel, args, meta)
+        if key in _WHAT_FITS:
+            meta["num_stages"], block_t = _WHAT_FITS[key]
+            if block_t is not None:
+                meta["BLOCK_T"] = block_t
     while True:
         try:
             return kernel[grid](*args, **meta)
         except triton.runtime.errors.OutOfResources:
+            key = key or _launch_key(kernel, args, meta)
             if meta["num_stages"] > 1:
                 meta["num_stages"] -= 1
             elif meta.get("BLOCK_T", 16) > 16:
@@ -174,6 +175,23 @@ def _launch(kernel, grid, *args, **meta):
             else:
                 raise
             _WHAT_FITS[key] = (meta["num_stages"], meta.get("BLOCK_T"))
+
+
+def _launch_key(kernel, args, meta):
+    """(kernel, input dtype, launch parameters): what decides whether a launch fits."""
+    dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
+    settings = tuple(sorted((k, x) for k, x in meta.items() if isinstance(x, (bool, int, float, str))))
+    return (kernel, dtype, settings)
+
+
+def _check_heads(H, H_kv, D, E, names, tensors):
+    """The head counts and dims every call and decoding step shares, and one dtype for q, k, v."""
+    if H < 1 or H_kv < 1 or H % H_kv != 0:
+        raise ValueError(f"need H, H_kv >= 1 and H_kv dividing H, got H = {H}, H_kv = {H_kv}")
+    if not (1 <= D <= 256 and 1 <= E <= 256):
+        raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
+    if any(x.dtype != tensors[0].dtype for x in tensors):
+        raise ValueError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}")
 
 
 def _forward_block_e(config, rows, E, device):
@@ -689,12 +707,7 @@ def _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens):
     H_kv, E = k.shape[2], v.shape[3]
     _check_shape("k", k, (B, T, H_kv, D), ("B", "T", "H_kv", "D"))
     _check_shape("v", v, (B, T, H_kv, E), ("B", "T", "H_kv", "E"))
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if H < 1 or H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"need H, H_kv >= 1 and H_kv dividing H, got H = {H}, H_kv = {H_kv}")
-    if not (1 <= D <= 256 and 1 <= E <= 256):
-        raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
+    _check_heads(H, H_kv, D, E, "q, k and v", (q, k, v))
     _check_tensor("slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     _check_shape("slope", slope, (H,), ("H",))
     _check_device(q.device, k=k, v=v, slope=slope, initial_state=initial_state)
@@ -1040,12 +1053,7 @@ def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
     H_kv, E = k_t.shape[1], v_t.shape[2]
     _check_shape("k_t", k_t, (B, H_kv, D), ("B", "H_kv", "D"))
     _check_shape("v_t", v_t, (B, H_kv, E), ("B", "H_kv", "E"))
-    if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"H_kv = {H_kv} must divide H = {H}")
-    if not (1 <= D <= 256 and 1 <= E <= 256):
-        raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
-    if k_t.dtype != q_t.dtype or v_t.dtype != q_t.dtype:
-        raise ValueError(f"q_t, k_t and v_t must share one dtype, got {q_t.dtype}, {k_t.dtype}, {v_t.dtype}")
+    _check_heads(H, H_kv, D, E, "q_t, k_t and v_t", (q_t, k_t, v_t))
     _check_tensor("state", state, ("B", "H", "D", "E"), (torch.float32,))
     _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
     _check_tensor("slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
