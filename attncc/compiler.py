@@ -46,7 +46,7 @@ def _between(low: int, high: int):
     return (lambda value: low <= value <= high), f"an integer from {low} to {high}"
 
 
-# The launch parameters of the generated `_NAME_config` (templates/wrapper.py.j2): each
+# The launch parameters of the generated `_NAME_config` (templates/launch.py.j2): each
 # with its test and its description. Block sizes are tl.arange extents (powers of two).
 _SEGMENT = _between(1, 1 << 30)
 LAUNCH_KEYS: dict[str, tuple] = {

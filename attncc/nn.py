@@ -163,11 +163,9 @@ class LinearAttention(torch.nn.Module):
         self.head_dim, self.value_dim = head_dim, value_dim
         self.backend = backend
         # Functions, not the module: functions copy and deepcopy as themselves, modules do not.
-        # torch.compile does not trace into the kernels' launch code (the Triton interpreter
-        # cannot be traced at all): the calls stay opaque, the projections around them compile.
-        self._attention = torch.compiler.disable(getattr(module, ir.name))
-        step = getattr(module, f"{ir.name}_step", None) if ir.causal else None
-        self._step = None if step is None else torch.compiler.disable(step)
+        # torch.compile traces them whole: their kernels run inside torch.library operators.
+        self._attention = getattr(module, ir.name)
+        self._step = getattr(module, f"{ir.name}_step", None) if ir.causal else None
         self._reference = getattr(module, f"{ir.name}_reference")
 
         factory = {"device": device, "dtype": dtype}

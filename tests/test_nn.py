@@ -287,9 +287,10 @@ def test_bf16_autocast_on_cpu(spec_dir):
 
 
 def test_torch_compile(spec_dir):
+    """The whole layer in one graph (fullgraph: the kernels are torch.library operators)."""
     layer = _layer(spec_dir, "per_token_gate")
     x = torch.randn(2, 5, HIDDEN)
-    compiled = torch.compile(layer, backend="eager")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y, state = compiled(x, use_cache=True)
     y.sum().backward()
     with torch.no_grad():

@@ -100,8 +100,9 @@ def _check_device(device, **tensors):
 
 @functools.lru_cache(maxsize=64)
 def _equal_sequence_starts(batch, length, device):
-    bounds = [i * length for i in range(batch + 1)]  # B = 0 gives [0], T = 0 gives [0, 0, ...]
-    return torch.tensor(bounds, dtype=torch.int32, device=device), bounds
+    """cu_seqlens of `batch` sequences of `length` tokens: [0, T, 2T, ...] (B = 0 gives [0])."""
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device) if length else (
+        torch.zeros(batch + 1, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,32 +110,49 @@ def _multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sequence_starts(cu_seqlens, batch, length, device):
-    """cu_seqlens (FlashAttention convention) checked, or the one that splits B equal
-    sequences; returned as a device tensor and as a host list."""
+def _reads_host_values(device):
+    """Whether a call may copy values to the host (a sync): not while torch.compile traces
+    it, and not while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cu_seqlens(cu_seqlens, batch, length, device):
+    """cu_seqlens (FlashAttention convention) checked: (dense int32 copy or None for B
+    equal sequences, number of sequences, length of the longest sequence).
+
+    Its values are checked on the host where a call may read them (see _reads_host_values).
+    Where it may not, they are clamped on the device into a non-decreasing run within
+    [0, T], so that no kernel reads or writes outside the tensors whatever they are, and
+    the longest sequence is taken to be T (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
-        return _equal_sequence_starts(batch, length, device)
+        return None, batch, length
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}")
+    num_seqs = cu_seqlens.shape[0] - 1
+    # The kernels read it as a dense int32 array, whatever view the caller passed.
+    dense = cu_seqlens.to(torch.int32).contiguous()
+    if not _reads_host_values(device):
+        return torch.cummax(dense.clamp(0, length), 0).values, num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
-    if any(bounds[i + 1] < bounds[i] for i in range(len(bounds) - 1)):
+    if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
             "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
             f"{bounds}"
         )
-    # The kernels read it as a dense int32 array, whatever view the caller passed.
-    return cu_seqlens.to(torch.int32).contiguous(), bounds
+    return dense, num_seqs, max(bounds[i + 1] - bounds[i] for i in range(num_seqs))
 
 
-def _segment_length(requested, bounds, programs, chunk, device, forward):
+def _segment_length(requested, longest, programs, chunk, device, forward):
     """Tokens per segment, or None to keep every sequence whole.
 
     Sequences are cut into segments, run side by side and chained by a scan, when
@@ -142,8 +160,8 @@ def _segment_length(requested, bounds, programs, chunk, device, forward):
     the forward pass (above that its extra state pass costs more than it gains),
     under all of them for the backward pass. They are cut into as many segments as
     fit one wave: two forward programs per multiprocessor, one backward program
-    (it holds the whole state). `requested` (a tuned config) overrides this."""
-    longest = max((bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)), default=0)
+    (it holds the whole state). `requested` (a tuned config) overrides this. Decided
+    from shapes alone (longest: the longest sequence, or a bound on it)."""
     if requested is not None:
         length = max(chunk, requested // chunk * chunk)
         return length if length < longest else None
@@ -217,22 +235,49 @@ def _forward_block_e(config, rows, E, device):
     return block_e
 
 
-def _split_segments(bounds, segment_len, device):
-    """Segment boundaries (cu_seqlens style), and where each sequence's segments start."""
-    return _split_segments_cached(tuple(bounds), segment_len, device)
+def _cut_segments(cu_seqlens, equal_lengths, longest, segment_len):
+    """Every sequence cut into S = cdiv(longest, segment_len) segments of segment_len
+    tokens: (segment_cu [N * S + 1] in cu_seqlens style, segment_starts [N + 1] =
+    0, S, 2S, ...). The last segments of a sequence shorter than `longest` are empty.
+    Shapes follow from (N, longest, segment_len) alone and nothing is read on the host."""
+    num_seqs = cu_seqlens.shape[0] - 1
+    per_sequence = _cdiv(longest, segment_len)
+    if equal_lengths:
+        return _equal_segments(num_seqs, longest, segment_len, cu_seqlens.device)
+    offsets = torch.arange(per_sequence, dtype=torch.int32, device=cu_seqlens.device) * segment_len
+    cuts = torch.minimum(cu_seqlens[:-1, None] + offsets, cu_seqlens[1:, None])
+    segment_cu = torch.cat([cuts.flatten(), cu_seqlens[-1:]])
+    return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, cu_seqlens.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _split_segments_cached(bounds, segment_len, device):
-    cuts, firsts = [0], [0]
-    for i in range(len(bounds) - 1):
-        position = bounds[i]
-        while position < bounds[i + 1]:
-            position = min(position + segment_len, bounds[i + 1])
-            cuts.append(position)
-        firsts.append(len(cuts) - 1)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
-    return as_tensor(cuts), as_tensor(firsts)
+def _equal_segments(num_seqs, length, segment_len, device):
+    """_cut_segments for num_seqs sequences of `length` tokens, made once on the host."""
+    per_sequence = _cdiv(length, segment_len)
+    cuts = [min(j * segment_len, length) + i * length for i in range(num_seqs) for j in range(per_sequence)]
+    segment_cu = torch.tensor([*cuts, num_seqs * length], dtype=torch.int32, device=device)
+    return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, device)
+
+
+def _new_op_library(prefix):
+    """A torch.library namespace of this module's own: prefix_0, or prefix_1 if this
+    module is loaded twice in one process, and so on (operators cannot be defined twice)."""
+    for index in range(1_000_000):
+        try:
+            return torch.library.Library(f"{prefix}_{index}", "DEF")
+        except RuntimeError:  # taken by an earlier load
+            continue
+    raise RuntimeError(f"no free torch.library namespace {prefix}_N")
+
+
+def _define_op(schema, kernels, fake):
+    """Define an operator in _OPS: `kernels` on every device, `fake` (shapes and dtypes
+    only) for torch.compile's tracing and meta tensors. Returns its callable overload."""
+    name = schema[: schema.index("(")]
+    _OPS.define(schema)
+    _OPS.impl(name, kernels, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_OPS.ns}::{name}", fake, lib=_OPS)
+    return getattr(getattr(torch.ops, _OPS.ns), name).default
 
 
 def _resolve_scale(scale, default, head_dim):
@@ -253,6 +298,11 @@ def _resolve_scale(scale, default, head_dim):
     if not (1.1754944e-38 <= scale <= 3.4028235e38):  # NaN fails too
         raise ValueError(f"scale must be a positive number in float32's normal range, got {scale}")
     return scale
+
+
+# The kernels run inside torch.library operators (torch.compile sees them as single ops),
+# defined in a namespace of this module's own: see _define_op.
+_OPS = _new_op_library("attncc_" + SPEC_HASH)
 
 
 # Non-finite values stay causal: a NaN or inf in token t's key or value may reach only
@@ -934,6 +984,62 @@ def _gla_step_kernel(
     tl.store(new_state_ptr + state_offs, state, mask=state_mask)
 
 
+def _gla_check_arguments(unexpected, gate_input):
+    """Missing or extra positional arguments, named."""
+    if unexpected:
+        raise ValueError(
+            f"gla takes q, k, v, gate_input positionally (per-channel decay); "
+            f"got {len(unexpected)} more positional argument(s)"
+        )
+    if gate_input is None:
+        raise ValueError("gla needs gate_input: gate_input [B, T, H_kv, D], the raw gate input")
+
+
+def _gla_check_decay_input(gate_input, leading, leading_names, H, H_kv, D):
+    """The decay input's shape and dtype; `leading` are the dims before the head dim
+    ((B, T) in a call, (B,) in a decoding step; the per-head slope has none)."""
+    layout = (*leading_names, "H_kv", "D")
+    _check_tensor("gate_input", gate_input, layout, (torch.float16, torch.bfloat16, torch.float32))
+    _check_shape("gate_input", gate_input, (*leading, H_kv, D), layout)
+
+
+def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
+    """Validate a call before any kernel launches; returns (B, T, H, H_kv, D, E,
+    cu_seqlens as dense int32 or None, number of sequences, longest sequence)."""
+    _check_tensor("q", q, ("B", "T", "H", "D"))
+    _check_tensor("k", k, ("B", "T", "H_kv", "D"))
+    _check_tensor("v", v, ("B", "T", "H_kv", "E"))
+    B, T, H, D = q.shape
+    H_kv, E = k.shape[2], v.shape[3]
+    _check_shape("k", k, (B, T, H_kv, D), ("B", "T", "H_kv", "D"))
+    _check_shape("v", v, (B, T, H_kv, E), ("B", "T", "H_kv", "E"))
+    _check_heads(H, H_kv, D, E, "q, k and v", (q, k, v))
+    _gla_check_decay_input(gate_input, (B, T), ("B", "T"), H, H_kv, D)
+    _check_device(q.device, k=k, v=v, gate_input=gate_input, initial_state=initial_state)
+    cu_seqlens, num_seqs, longest = _check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
+        _check_shape("initial_state", initial_state, (num_seqs, H, D, E), ("N", "H", "D", "E"))
+    return B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest
+
+
+def _gla_check_step_inputs(q_t, k_t, v_t, state, gate_input):
+    """Validate a decoding step; returns (B, H, H_kv, D, E)."""
+    _check_tensor("q_t", q_t, ("B", "H", "D"))
+    _check_tensor("k_t", k_t, ("B", "H_kv", "D"))
+    _check_tensor("v_t", v_t, ("B", "H_kv", "E"))
+    B, H, D = q_t.shape
+    H_kv, E = k_t.shape[1], v_t.shape[2]
+    _check_shape("k_t", k_t, (B, H_kv, D), ("B", "H_kv", "D"))
+    _check_shape("v_t", v_t, (B, H_kv, E), ("B", "H_kv", "E"))
+    _check_heads(H, H_kv, D, E, "q_t, k_t and v_t", (q_t, k_t, v_t))
+    _check_tensor("state", state, ("B", "H", "D", "E"), (torch.float32,))
+    _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
+    _gla_check_decay_input(gate_input, (B,), ("B",), H, H_kv, D)
+    _check_device(q_t.device, k_t=k_t, v_t=v_t, state=state, gate_input=gate_input)
+    return B, H, H_kv, D, E
+
+
 def _gla_config(D, E):
     """Launch parameters: tuned ones where `attncc tune` stored them, else defaults."""
     config = {
@@ -946,37 +1052,6 @@ def _gla_config(D, E):
     return config
 
 
-def _gla_check_arguments(unexpected, gate_input):
-    """Missing or extra positional arguments, named."""
-    if unexpected:
-        raise ValueError(
-            f"gla takes q, k, v, gate_input positionally (per-channel decay); "
-            f"got {len(unexpected)} more positional argument(s)"
-        )
-    if gate_input is None:
-        raise ValueError("gla needs gate_input: gate_input [B, T, H_kv, D], the raw gate input")
-
-
-def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
-    """Validate a call before any kernel launches; returns (B, T, H, H_kv, D, E, sequence starts)."""
-    _check_tensor("q", q, ("B", "T", "H", "D"))
-    _check_tensor("k", k, ("B", "T", "H_kv", "D"))
-    _check_tensor("v", v, ("B", "T", "H_kv", "E"))
-    B, T, H, D = q.shape
-    H_kv, E = k.shape[2], v.shape[3]
-    _check_shape("k", k, (B, T, H_kv, D), ("B", "T", "H_kv", "D"))
-    _check_shape("v", v, (B, T, H_kv, E), ("B", "T", "H_kv", "E"))
-    _check_heads(H, H_kv, D, E, "q, k and v", (q, k, v))
-    _check_tensor("gate_input", gate_input, ("B", "T", "H_kv", "D"), (torch.float16, torch.bfloat16, torch.float32))
-    _check_shape("gate_input", gate_input, (B, T, H_kv, D), ("B", "T", "H_kv", "D"))
-    _check_device(q.device, k=k, v=v, gate_input=gate_input, initial_state=initial_state)
-    starts, bounds = _sequence_starts(cu_seqlens, B, T, q.device)
-    if initial_state is not None:
-        _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
-        _check_shape("initial_state", initial_state, (starts.numel() - 1, H, D, E), ("N", "H", "D", "E"))
-    return B, T, H, H_kv, D, E, starts, bounds
-
-
 def _gla_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
@@ -987,36 +1062,60 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
     )
 
 
-def _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config):
+def _gla_backward_segment_length(config, longest, rows, device):
+    """Tokens per segment of the backward pass (one program per segment and head), or
+    None to keep the sequences whole. A multiple of both chunk sizes, so that an
+    unsplit forward pass can store the states entering the segments as it goes."""
+    chunk = max(config["chunk"], config["bwd_chunk"])
+    return _segment_length(config["bwd_segment"], longest, rows, chunk, device, forward=False)
+
+
+def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
+    """What a call launches, decided from shapes alone: (config with the forward's value
+    block, segment length of the forward pass or None, segment length of the states
+    entering segments that the forward pass hands to the backward pass or None).
+
+    The forward pass cuts sequences into segments when its programs are too few to fill
+    the GPU (see _segment_length); when it does not but the backward pass will, it stores
+    the states entering the backward's segments as it goes. The state-only pass
+    (store_output=False) is one segment per sequence unless cut finer."""
+    config = _gla_config(D, E)
+    config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
+    programs = num_seqs * H * _cdiv(E, config["block_e"])
+    segment_len = _segment_length(config["segment"], longest, programs, config["chunk"], device, forward=True)
+    if not store_output:
+        return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
+    if segment_len is not None or not needs_grad:
+        return config, segment_len, segment_len
+    return config, None, _gla_backward_segment_length(config, longest, num_seqs * H, device)
+
+
+def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, segment_len, final_state,
+                            config):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
     states); writes the sequences' final states into final_state if given."""
     H, D, E = q.shape[1], q.shape[2], v.shape[2]
-    segment_cu, segment_starts = _split_segments(bounds, segment_len, q.device)
-    num_segments = segment_cu.numel() - 1
+    num_seqs = cu_seqlens.shape[0] - 1
+    segment_cu, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, segment_len)
+    num_segments = segment_cu.shape[0] - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q, k, v, None, decay, decay_total, None, local, None, None, 0, None, None, segment_cu, 1.0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
+        nonfinite_ptr=None, exact_path_ptr=None, cu_seqlens=segment_cu, scale=1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
-    _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), (len(bounds) - 1) * H)](
-        local, decay_total, initial_state, entering, final_state, segment_starts,
+    _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
+        local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
+        carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
     )
     return segment_cu, segment_starts, entering
-
-
-def _gla_backward_segment_length(config, bounds, heads, device):
-    """Tokens per segment of the backward pass (one program per segment and head), or
-    None to keep the sequences whole. A multiple of both chunk sizes, so that an
-    unsplit forward pass can store the states entering the segments as it goes."""
-    chunk = max(config["chunk"], config["bwd_chunk"])
-    return _segment_length(config["bwd_segment"], bounds, (len(bounds) - 1) * heads, chunk, device, forward=False)
 
 
 def _gla_exact_path_flag(decay, chunk):
@@ -1028,7 +1127,7 @@ def _gla_exact_path_flag(decay, chunk):
     block_c = min(64, _block(columns))
     flag = torch.zeros(1, dtype=torch.int32, device=decay.device)
     _gla_decay_extent_kernel[(_cdiv(tokens, chunk), _cdiv(columns, block_c))](
-        decay, flag, tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c,
+        x_ptr=decay, exact_path_ptr=flag, tokens=tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c,
     )
     return flag
 
@@ -1051,70 +1150,62 @@ def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, n
     )
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
-                    needs_grad, exact_path):
-    """Launch the forward kernels on flattened [tokens, heads, dim] tensors.
+def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len, cu_seqlens,
+                     scale, config, exact_path):
+    """The forward kernel over (value block, sequence or segment, head) programs, then its
+    second look at the programs whose state came out non-finite."""
+    H, E = q.shape[1], v.shape[2]
+    launch = _gla_launch_args(q, k, v, config, config["block_e"])
+    grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
+    nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+    _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
+        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,        exact_path_ptr=exact_path, cu_seqlens=cu_seqlens, scale=scale,
+        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
+        STORE_SEGMENT_STATES=entering is not None, **launch,
+    )
+    _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
 
-    When (sequence, head, value block) programs are too few to fill the GPU, the
-    sequences are cut into segments (see _gla_segment_states) and the outputs
-    of all segments are computed in parallel from the states entering them.
-    Otherwise, when needs_grad and the backward pass will cut the sequences, the
-    one launch also stores the states entering the backward's segments.
-    Returns (o, final state, segments: (segment_cu, segment_starts, entering
-    states) or None). store_output=False computes the final states alone (no o).
+
+def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, output_final_state,
+                    store_output, needs_grad, exact_path):
+    """The forward pass (see _gla_plan). Returns (o or None when store_output=False,
+    final state or None, states entering the segments for the backward pass or None).
     exact_path: see _gla_exact_path_flag.
     """
     N, H, D = q.shape
     E = v.shape[2]
-    num_seqs = len(bounds) - 1
-    config = _gla_config(D, E)
-    config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, q.device))
-    programs = num_seqs * H * _cdiv(E, config["block_e"])
-    segment_len = _segment_length(config["segment"], bounds, programs, config["chunk"], q.device, forward=True)
+    num_seqs = cu_seqlens.shape[0] - 1
+    config, segment_len, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
-    if not store_output:  # the state-only pass, one segment per sequence unless cut finer
-        if segment_len is None:
-            longest = max(bounds[i + 1] - bounds[i] for i in range(num_seqs))
-            segment_len = _cdiv(longest, config["chunk"]) * config["chunk"]
-        _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
+    if not store_output:
+        _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, segment_len,
+                               final_state, config)
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
-    launch = _gla_launch_args(q, k, v, config, config["block_e"])
-    if segment_len is None:
-        segments = entering = segment_starts = None
-        bwd_segment_len = _gla_backward_segment_length(config, bounds, H, q.device) if needs_grad else None
-        if bwd_segment_len is not None:
-            segment_cu, segment_starts = _split_segments(bounds, bwd_segment_len, q.device)
-            entering = torch.empty(segment_cu.numel() - 1, H, D, E, dtype=torch.float32, device=q.device)
-            segments = (segment_cu, segment_starts, entering)
-        grid = (_cdiv(E, config["block_e"]), num_seqs * H)
-        nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
-        _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
-            q, k, v, o, decay, None, initial_state, final_state,
-            entering, segment_starts, bwd_segment_len or 0, nonfinite, exact_path, cu_seqlens, scale,
-            HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, STORE_OUTPUT=True,
-            STORE_SEGMENT_STATES=segments is not None, **launch,
-        )
-        _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
-        return o, final_state, segments
-    segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, final_state, config)
-    segment_cu, _, entering = segments
-    grid = (_cdiv(E, config["block_e"]), (segment_cu.numel() - 1) * H)
-    nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
-    _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
-        q, k, v, o, decay, None, entering, None, None, None, 0, nonfinite, exact_path, segment_cu, scale,
-        HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True, STORE_SEGMENT_STATES=False, **launch,
-    )
-    _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, entering, nonfinite, segment_cu, scale, launch)
-    return o, final_state, segments
+    if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
+        entering = segment_starts = None
+        if saved_len is not None:
+            _, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, saved_len)
+            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
+        _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
+                        scale, config, exact_path)
+        return o, final_state, entering
+    segment_cu, _, entering = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest,
+                                                      segment_len, final_state, config)
+    _gla_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config, exact_path)
+    return o, final_state, entering
 
 
-def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, final_state, segments, do, dfinal_state,
-                     needs_decay_grad, exact_path):
+def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, final_state, entering,
+                     store_output, do, dfinal_state, needs_decay_grad, exact_path):
+    """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
+    dL/d(initial state) (None without one). `entering` are the states entering the
+    segments the forward pass cut or stored (see _gla_plan), or None."""
     N, H, D = q.shape
     H_kv, E = k.shape[1], v.shape[2]
     group = H // H_kv
-    num_seqs = len(bounds) - 1
+    num_seqs = cu_seqlens.shape[0] - 1
     config = _gla_config(D, E)
     # dk and dv are produced per query head, then summed over each group of heads sharing k and v.
     kv_grad_dtype = q.dtype if group == 1 else torch.float32
@@ -1122,44 +1213,53 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
     dk = torch.empty(N, H, D, dtype=kv_grad_dtype, device=q.device)
     dv = torch.empty(N, H, E, dtype=kv_grad_dtype, device=q.device)
     dinitial_state = None
-    if initial_state is not None:  # contiguous whatever the caller's initial state was: the kernels write it flat
+    if initial_state is not None:
         dinitial_state = torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
     db_shape = (N, H, D)
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
-    if segments is None:
+    segments = None
+    _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
+    if entering is not None:
+        segment_cu, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, saved_len)
+        segments = (segment_cu, segment_starts, entering)
+    else:
         # The backward kernels run one program per (segment, head): cut long sequences
-        # here when the forward pass did not (it computed the final states alone).
-        segment_len = _gla_backward_segment_length(config, bounds, H, q.device)
+        # here when the forward pass did not hand segments over.
+        segment_len = _gla_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _gla_segment_states(q, k, v, decay, initial_state, bounds, segment_len, None, config)
+            segments = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest,
+                                              segment_len, None, config)
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
         num_segments = num_seqs
     else:
         # Carry dL/dS back across segments the way the forward pass carried S across them.
         seq_cu, segment_starts, seq_init = segments
-        num_segments = seq_cu.numel() - 1
+        num_segments = seq_cu.shape[0] - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q, k, v, do, None, None, decay, None, decay_total, None, dlocal, None, seq_cu, scale,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
+            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,            exact_path_ptr=None, cu_seqlens=seq_cu, scale=scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            dlocal, decay_total, dfinal_state, seq_dfinal, dinitial_state, segment_starts,
+            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
+            carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
     _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
-        q, k, v, do, dq, decay, db_q, seq_init, exact_path, seq_cu, scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,        initial_state_ptr=seq_init, exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
-        q, k, v, do, dk, dv, decay, db_k, None, seq_dfinal, dinitial_state, exact_path, seq_cu, scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
+        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,        exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
@@ -1177,10 +1277,94 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, bounds, scale, fina
         block_d = min(32, _block(D))
         grid = (num_seqs * H_kv, _cdiv(D, block_d))
         _gla_decay_grad_kernel[grid](
-            db_q, db_k, decay, ddecay, final_term, cu_seqlens,
+            db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term, cu_seqlens=cu_seqlens,
             H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
         )
     return dq, dk, dv, ddecay, dinitial_state
+
+
+def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+                            store_output, needs_grad):
+    """gla_forward on dense [tokens, heads, dim] inputs; cu_seqlens None means num_seqs
+    sequences of longest tokens. Returns (o, final state, states entering the segments the
+    backward pass uses, per-channel path flag); those absent are empty tensors."""
+    equal_lengths = cu_seqlens is None
+    if equal_lengths:
+        cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
+    # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
+    config = _gla_config(q.shape[2], v.shape[2])
+    exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
+    o, final_state, entering = _gla_forward(
+        q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, output_final_state, store_output,
+        needs_grad, exact_path,
+    )
+    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
+    if o is None:  # state only: o stays unused, and its gradient is zero
+        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    return (
+        o,
+        final_state if final_state is not None else empty_state(),
+        entering if entering is not None else empty_state(),
+        exact_path,
+    )
+
+
+def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+                         store_output, needs_grad):
+    """Shapes and dtypes of _gla_forward_kernels' outputs, from the same plan."""
+    N, H, D = q.shape
+    E = v.shape[2]
+    _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
+    saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
+    return (
+        q.new_empty((N, H, E), dtype=q.dtype),
+        q.new_empty((num_seqs if output_final_state else 0, H, D, E), dtype=torch.float32),
+        q.new_empty((saved, H, D, E), dtype=torch.float32),
+        q.new_empty(1, dtype=torch.int32),
+    )
+
+
+def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+                             dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    """gla_backward: (dq, dk, dv, d(decay input), d(initial state)); those not needed are empty."""
+    equal_lengths = cu_seqlens is None
+    if equal_lengths:
+        cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
+    dq, dk, dv, ddecay, dinitial_state = _gla_backward(
+        q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, final_state,
+        entering if entering.shape[0] > 0 else None, store_output, do, dfinal_state,
+        needs_decay_grad=needs_decay_grad, exact_path=exact_path,
+    )
+    return (
+        dq, dk, dv,
+        ddecay if ddecay is not None else q.new_empty(0, dtype=torch.float32),
+        dinitial_state if dinitial_state is not None else q.new_empty(0, dtype=torch.float32),
+    )
+
+
+def _gla_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+                          dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    ddecay = q.new_empty(0, dtype=torch.float32)
+    if needs_decay_grad:
+        ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
+    dinitial_state = q.new_empty(0, dtype=torch.float32)
+    if initial_state is not None:
+        dinitial_state = torch.empty_like(initial_state, memory_format=torch.contiguous_format)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ddecay, dinitial_state
+
+
+_gla_forward_op = _define_op(
+    "gla_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
+    "SymInt num_seqs, SymInt longest, float scale, bool output_final_state, bool store_output, bool needs_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _gla_forward_kernels, _gla_forward_fake,
+)
+_gla_backward_op = _define_op(
+    "gla_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
+    "Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, Tensor? dfinal_state, SymInt num_seqs, "
+    "SymInt longest, float scale, bool store_output, bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _gla_backward_kernels, _gla_backward_fake,
+)
 
 
 def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
@@ -1207,17 +1391,18 @@ def _gla_no_tokens_backward(ctx, dfinal_state):
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
-    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None
+    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None, None
 
 
 class _gla_Function(torch.autograd.Function):
     """Differentiable through q, k, v, gate_input and initial_state, once: the backward
     is not itself differentiable, so a backward with create_graph=True (the first step of a
-    second-order gradient, a gradient penalty say) raises instead of giving wrong values."""
+    second-order gradient, a gradient penalty say) raises instead of giving wrong values.
+    The kernels run inside the operators _gla_forward_op and _gla_backward_op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output,
-                needs_grad):
+    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+                store_output, needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1225,7 +1410,7 @@ class _gla_Function(torch.autograd.Function):
         if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
             initial_state = initial_state.contiguous()
         if B * T == 0:
-            return _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, len(bounds) - 1, output_final_state)
+            return _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state)
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
@@ -1233,19 +1418,14 @@ class _gla_Function(torch.autograd.Function):
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v))
         decay = decay.reshape(B * T, *decay.shape[2:])
         decay = decay.to(_kernel_dtype(decay.dtype, decay.device)).contiguous()
-        # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
-        config = _gla_config(D, E)
-        ctx.exact_path = exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
-        o, final_state, segments = _gla_forward(
-            q, k, v, decay, initial_state, cu_seqlens, bounds, scale, output_final_state, store_output, needs_grad, exact_path
+        o, final_state, entering, exact_path = _gla_forward_op(
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+            needs_grad,
         )
-        ctx.segments = segments
-        if o is None:  # state only: o stays unused, and its gradient is zero
-            o = q.new_zeros(B * T, H, E)
-        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state)
-        ctx.bounds = bounds
+        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path)
+        ctx.store_output = store_output
         ctx.scale = scale
-        ctx.batch = (B, T)
+        ctx.sizes = (B, T, num_seqs, longest)
         o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
         return o.view(B, T, H, E), final_state if output_final_state else None
 
@@ -1255,7 +1435,7 @@ class _gla_Function(torch.autograd.Function):
         # not later: @once_differentiable only raises if the gradient is differentiated through
         # its error node, and autograd.grad(penalty, params) skips that node when do does not
         # require grad (loss = o.sum()), silently leaving the second-order terms out.
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
                 "gla: second-order gradients are not supported (its backward kernels are not "
                 "differentiable), so a backward with create_graph=True through gla would give wrong "
@@ -1263,21 +1443,23 @@ class _gla_Function(torch.autograd.Function):
             )
         if ctx.no_tokens:
             return _gla_no_tokens_backward(ctx, dfinal_state)
-        q, k, v, decay, initial_state, cu_seqlens, final_state = ctx.saved_tensors
-        B, T = ctx.batch
+        B, T, num_seqs, longest = ctx.sizes
+        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path = ctx.saved_tensors
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
-        dq, dk, dv, ddecay, dinitial_state = _gla_backward(
-            q, k, v, decay, initial_state, cu_seqlens, ctx.bounds, ctx.scale, final_state, ctx.segments, do,
-            dfinal_state, needs_decay_grad=ctx.needs_input_grad[3], exact_path=ctx.exact_path,
+        needs_decay_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, ddecay, dinitial_state = _gla_backward_op(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
+            longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
+        ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
         if ddecay is not None:
             ddecay = ddecay.view(B, T, *ddecay.shape[1:])
-        if ddecay is not None:
-            ddecay = ddecay.to(ctx.input_dtypes[1])
+        if initial_state is None:
+            dinitial_state = None
         dq, dk, dv = (x.view(B, T, *x.shape[1:]).to(ctx.input_dtypes[0]) for x in (dq, dk, dv))
-        return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None
+        return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None, None
 
 
 def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
@@ -1292,12 +1474,16 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
         initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
         output_final_state: also return the float32 [N, H, D, E] state after the last token.
         cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+            Checked on the host in eager calls (one device-to-host copy); under torch.compile
+            and CUDA-graph capture it is not read on the host (see README, "torch.compile").
 
     Any memory layout is accepted (slices of a cache, transposed or broadcast views); the
     kernels get dense copies where needed, and o, states and gradients come back contiguous.
     B = 0, T = 0 and empty sequences (repeated cu_seqlens boundaries) are allowed: they have
     no outputs, and a sequence without tokens keeps its initial state (or zeros).
     Gradients are first order only: a backward with create_graph=True through it raises.
+    The kernels run in torch.library operators, so torch.compile (fullgraph=True, Inductor)
+    traces through this function.
 
     Returns:
         (o [B, T, H, E], final_state or None)
@@ -1309,7 +1495,9 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
 def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
     """gla once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of gla_sp."""
-    B, T, H, H_kv, D, E, starts, bounds = _gla_check_inputs(q, k, v, decay, initial_state, cu_seqlens)
+    B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest = _gla_check_inputs(
+        q, k, v, decay, initial_state, cu_seqlens
+    )
     if not isinstance(output_final_state, bool):
         raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
     scale = _resolve_scale(scale, None, D)
@@ -1318,11 +1506,40 @@ def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _gla_Function.apply(
-        q, k, v, decay, initial_state, starts, bounds, scale, output_final_state, store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output, needs_grad
     )
     if not store_output:
         return None, final_state
     return o, final_state
+
+
+def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
+    """gla_step on dense inputs: (o_t, new state)."""
+    B, H, D = q_t.shape
+    H_kv, E_state = k_t.shape[1], v_t.shape[2]
+    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
+    new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
+    if B > 0:  # an empty batch launches nothing
+        block_e = min(_block(E_state), 64)
+        _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
+            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
+            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+        )
+    return o_t, new_state
+
+
+def _gla_step_fake(q_t, k_t, v_t, state, decay, scale):
+    B, H, _ = q_t.shape
+    return (
+        q_t.new_empty((B, H, v_t.shape[2]), dtype=q_t.dtype),
+        torch.empty_like(state, memory_format=torch.contiguous_format),
+    )
+
+
+_gla_step_op = _define_op(
+    "gla_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) -> (Tensor, Tensor)",
+    _gla_step_kernels, _gla_step_fake,
+)
 
 
 def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
@@ -1331,36 +1548,16 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E], gate_input [B, H_kv, D].
     """
     _gla_check_arguments(unexpected, gate_input)
-    _check_tensor("q_t", q_t, ("B", "H", "D"))
+    B, H, H_kv, D, E = _gla_check_step_inputs(q_t, k_t, v_t, state, gate_input)
     out_dtype = q_t.dtype
-    _check_tensor("k_t", k_t, ("B", "H_kv", "D"))
-    _check_tensor("v_t", v_t, ("B", "H_kv", "E"))
-    B, H, D = q_t.shape
-    H_kv, E = k_t.shape[1], v_t.shape[2]
-    _check_shape("k_t", k_t, (B, H_kv, D), ("B", "H_kv", "D"))
-    _check_shape("v_t", v_t, (B, H_kv, E), ("B", "H_kv", "E"))
-    _check_heads(H, H_kv, D, E, "q_t, k_t and v_t", (q_t, k_t, v_t))
-    _check_tensor("state", state, ("B", "H", "D", "E"), (torch.float32,))
-    _check_shape("state", state, (B, H, D, E), ("B", "H", "D", "E"))
-    _check_tensor("gate_input", gate_input, ("B", "H_kv", "D"))
-    _check_shape("gate_input", gate_input, (B, H_kv, D), ("B", "H_kv", "D"))
-    decay = gate_input.to(_kernel_dtype(gate_input.dtype, gate_input.device)).contiguous()
-    _check_device(q_t.device, k_t=k_t, v_t=v_t, state=state, gate_input=gate_input)
     scale = _resolve_scale(scale, None, D)
-    E_state = v_t.shape[2]
     # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
     # the kernels cannot run their dtype), and the new state is allocated contiguous
     # (empty_like would copy a transposed state's strides, and the kernel writes it flat).
     dtype = _kernel_dtype(q_t.dtype, q_t.device)
     q_t, k_t, v_t = (x.to(dtype).contiguous() for x in (q_t, k_t, v_t))
-    o_t = torch.empty(B, H, E_state, dtype=dtype, device=q_t.device)
-    new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
-    if B > 0:  # an empty batch launches nothing
-        block_e = min(_block(E_state), 64)
-        _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
-            q_t, k_t, v_t, decay, state.contiguous(), o_t, new_state, scale,
-            H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
-        )
+    decay = gate_input.to(_kernel_dtype(gate_input.dtype, gate_input.device)).contiguous()
+    o_t, new_state = _gla_step_op(q_t, k_t, v_t, state.contiguous(), decay, scale)
     o_t = o_t.to(out_dtype)
     return o_t, new_state
 
