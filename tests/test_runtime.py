@@ -247,19 +247,22 @@ def test_forward_stores_backward_segment_states_only_when_a_backward_can_follow(
     spec = AttentionSpec(name="segment_states_probe", decay=Decay.PER_HEAD, chunk=16)
     module = module_for(spec)
     monkeypatch.setitem(module.TUNED_CONFIGS, (spec.name, 20, 24), {"bwd_segment": 16, "bwd_chunk": 16})
-    asked = []
-    segment_length = module._segment_states_probe_backward_segment_length
-    monkeypatch.setattr(module, "_segment_states_probe_backward_segment_length",
-                        lambda *args: asked.append(args) or segment_length(*args))
+    stored, extra_passes = [], []
+    outputs, segment_states = module._segment_states_probe_outputs, module._segment_states_probe_segment_states
+    # _outputs(q, k, v, o, decay, initial_state, final_state, entering, ...): entering is argument 7.
+    monkeypatch.setattr(module, "_segment_states_probe_outputs",
+                        lambda *args: stored.append(args[7] is not None) or outputs(*args))
+    monkeypatch.setattr(module, "_segment_states_probe_segment_states",
+                        lambda *args: extra_passes.append(1) or segment_states(*args))
     q, k, v, slope = _inputs(spec)
     fn = getattr(module, spec.name)
     fn(q, k, v, slope)
     with torch.no_grad():
         fn(*(x.requires_grad_() for x in (q, k, v)), slope)
-    assert asked == []
+    assert stored == [False, False]
     o, _ = fn(q, k, v, slope)
-    assert len(asked) == 1 and asked[0][0]["bwd_segment"] == 16
+    assert stored == [False, False, True]
     grads = torch.autograd.grad(o.sum(), (q, k, v))
-    assert len(asked) == 1  # the backward used the forward's segments
+    assert extra_passes == []  # the backward used the forward's segments: no state pass of its own
     expected = torch.autograd.grad(module.segment_states_probe_reference(q, k, v, slope)[0].sum(), (q, k, v))
     assert all(rel_error(a, b) < 1e-4 for a, b in zip(grads, expected, strict=True))
