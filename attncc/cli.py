@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import click
 
-from attncc import __version__
+from attncc._version import __version__
 from attncc.errors import AttnccError, Diagnostic, printable
 
 
