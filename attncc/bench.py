@@ -439,10 +439,12 @@ def check_reference(module: ModuleType, spec: AttentionSpec, args: Sequence[torc
 def bench_spec(module: ModuleType, spec: AttentionSpec, shapes: Sequence[tuple[int, ...]],
                dtype: torch.dtype = torch.bfloat16, against: Sequence[str] = PEERS, *,
                cuda_graphs: bool = True,
-               progress: Callable[[int, int, str], None] = lambda done, total, what: None) -> list[Row]:
+               progress: Callable[[int, int, str], None] = lambda done, total, what: None,
+               device: str = "cuda") -> list[Row]:
     """Time `spec`'s function of the generated `module` at each B,T,H,D[,E] of `shapes`,
     beside the matching fla op and SDPA (those of `against`), checking attncc's output
-    first. progress(done, total, what) is called before each timed op and once at the end."""
+    first. progress(done, total, what) is called before each timed op and once at the end.
+    (`device` is for tests: off the GPU the timings fail and say so in their cells.)"""
     fn = getattr(module, spec.name)
     fla_name = matching_fla_op(spec)
     steps = [(shape, peer) for shape in shapes for peer in ("attncc", *[p for p in PEERS if p in against])]
@@ -453,10 +455,10 @@ def bench_spec(module: ModuleType, spec: AttentionSpec, shapes: Sequence[tuple[i
         label = f"({B}, {T}, {H}, {D}, {E})"
         progress(done, len(steps), f"{peer} at {label}")
         if peer == "attncc":
-            args, slope = spec_inputs(spec, B, T, H, D, E, dtype)
+            args, slope = spec_inputs(spec, B, T, H, D, E, dtype, device)
             leaves = args[:3] if slope is not None else args
             forward = (lambda q, k, v: fn(q, k, v, slope)[0]) if slope is not None else (lambda *a: fn(*a)[0])
-            grad_out = torch.randn(B, T, H, E, device="cuda", dtype=dtype)
+            grad_out = torch.randn(B, T, H, E, device=device, dtype=dtype)
             with torch.no_grad():
                 o_ours = forward(*leaves)
             ok, note = check_reference(module, spec, args, o_ours)
@@ -465,12 +467,12 @@ def bench_spec(module: ModuleType, spec: AttentionSpec, shapes: Sequence[tuple[i
         elif peer == "fla":
             rows.append(_fla_row(spec, fla_name, label, T, D, args, slope, leaves, o_ours, grad_out, cuda_graphs))
         else:
-            qs, ks = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-            vs = torch.randn(B, H, T, E, device="cuda", dtype=dtype, requires_grad=True)
+            qs, ks = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            vs = torch.randn(B, H, T, E, device=device, dtype=dtype, requires_grad=True)
             sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-            times = time_call(sdpa, [qs, ks, vs], torch.randn(B, H, T, E, device="cuda", dtype=dtype),
+            times = time_call(sdpa, [qs, ks, vs], torch.randn(B, H, T, E, device=device, dtype=dtype),
                               cuda_graphs=cuda_graphs)
-            note = "softmax attention, for scale" + ("" if dtype != torch.float32 else "; fp32 is not FlashAttention's")
+            note = "softmax attention, as a yardstick" + ("" if dtype != torch.float32 else "; fp32 is not FlashAttention's")
             rows.append(Row(label, SDPA_OP, *_pair(times, note), peer="sdpa", seq_len=T))
     progress(len(steps), len(steps), "done")
     return rows
@@ -502,14 +504,15 @@ def spec_table(rows: Sequence[Row], *, cuda_graphs: bool = True, title: str | No
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("shape (B, T, H, D, E)")
-    table.add_column("op")
+    # Narrow terminals wrap the cells (fold) rather than cut them short.
+    table.add_column("shape (B, T, H, D, E)", overflow="fold")
+    table.add_column("op", overflow="fold")
     columns = [("fwd ms", "fwd_ms"), ("fwd+bwd ms", "fwdbwd_ms")]
     if cuda_graphs:
         columns += [("fwd ms (graph)", "graph_fwd_ms"), ("fwd+bwd ms (graph)", "graph_fwdbwd_ms")]
     for header, _ in columns:
         table.add_column(header, justify="right")
-    table.add_column("check / note")
+    table.add_column("check / note", overflow="fold")
     for r in rows:
         style = "red" if r.ok is False else None
         table.add_row(r.shape, r.op, *(_cell(getattr(r, field)) for _, field in columns), r.note, style=style)

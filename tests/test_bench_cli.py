@@ -260,3 +260,40 @@ def test_spec_inputs_follow_the_decay_and_gate():
     args, _ = bench.spec_inputs(_spec("    decay = per_token\n    gate = logsigmoid(x)"), 2, 50, 3, 4, 4,
                                 torch.float32, "cpu")
     assert (args[3] > 0).any()  # the raw gate input
+
+
+def test_the_whole_command_on_the_cpu_with_a_fake_timer(monkeypatch, tmp_path):
+    """The GPU path's plumbing end to end (inputs, check, peers, progress, table, exit
+    status), on the CPU: each timed callable runs once and 'takes' a fixed time."""
+    import functools
+
+    calls = []
+
+    def fake_median_ms(fn, *, graph=False):
+        fn()  # the forward, or forward + backward, really runs (interpreter, tiny shape)
+        calls.append(graph)
+        return 2.0 if graph else 3.0
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "250")  # rich's width: one line a row
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "no GPU (test)")
+    monkeypatch.setattr(bench, "median_ms", fake_median_ms)
+    monkeypatch.setattr(bench, "bench_spec", functools.partial(bench.bench_spec, device="cpu"))
+    monkeypatch.setitem(sys.modules, "fla", None)  # whether or not fla is installed here
+    result = CliRunner().invoke(main, ["bench", LIGHTNING, "--shape", "1,16,2,8", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert calls == [False, False, True, True] * 2  # attncc and SDPA: eager, then graphs
+    assert "ok: rel. err" in result.output and "lightning_reference" in result.output
+    assert "fla not importable" in result.output and "chunk_simple_gla (g_gamma)" in result.output
+    assert "3.000" in result.output and "2.000" in result.output
+    calls.clear()
+    result = CliRunner().invoke(main, ["bench", "examples/gated.attn", "--name", "mamba2", "--shape",
+                                       "1,16,2,8", "--against", "fla", "--no-cuda-graphs"])
+    assert result.exit_code == 0, result.output
+    assert calls == [False, False] and "no matching fla op (a gate)" in result.output
+    assert "(graph)" not in result.output
+    # A wrong output makes the check fail and the exit status 1.
+    monkeypatch.setattr(bench, "relative_error", lambda ours, theirs: float("nan"))
+    result = CliRunner().invoke(main, ["bench", LIGHTNING, "--shape", "1,16,2,8", "--against", "none"])
+    assert result.exit_code == 1 and "MISMATCH" in result.output and "output is off" in result.output
