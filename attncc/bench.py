@@ -537,13 +537,14 @@ def plot_rows(rows: Sequence[Row], path: str | Path, *, title: str = "") -> None
     several = len({dims for _, dims in lines}) > 1  # name the dims only where they differ
     for axis, (kind, eager, graph) in zip(axes, [("forward", "fwd_ms", "graph_fwd_ms"),
                                                   ("forward + backward", "fwdbwd_ms", "graph_fwdbwd_ms")], strict=True):
-        for (op, dims), group in lines.items():
+        for index, ((op, dims), group) in enumerate(lines.items()):
             group = sorted(group, key=lambda r: r.seq_len)
+            color = f"C{index % 10}"  # one color per line in both panels, eager and graph alike
             for field, style, suffix in ((eager, "-", ""), (graph, "--", ", graph")):
                 points = [(r.seq_len, getattr(r, field)) for r in group if isinstance(getattr(r, field), float)]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    axis.plot(xs, ys, style, marker="o", label=f"{op}{' ' + dims if several else ''}{suffix}")
+                    axis.plot(xs, ys, style, color=color, marker="o", label=f"{op}{' ' + dims if several else ''}{suffix}")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("T (tokens)")
