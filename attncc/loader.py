@@ -34,7 +34,8 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from types import ModuleType
 
-from attncc import __version__, compiler
+from attncc import compiler
+from attncc._version import __version__
 from attncc.errors import AttnccError, Diagnostic
 
 _PACKAGE = Path(__file__).resolve().parent

@@ -9,7 +9,7 @@ import re
 
 import jinja2
 
-from attncc import __version__
+from attncc._version import __version__
 from attncc.derive import L2NORM_EPS, LOG_DECAY_FLOOR, NORMALIZER_EPS, KernelPlan, plan
 from attncc.ir import AttentionSpec, SpecFile
 from attncc.resources import resource_dir

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from attncc.bench import _inputs, bench_module, shape_arguments
+from attncc.bench import bench_inputs, bench_module, shape_arguments
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter, fp32, small shapes
 
@@ -34,7 +34,7 @@ def main() -> int:
         module, name = bench_module(decay, "check")
         defaults = getattr(module, f"_{name}_config")(args.dim, args.dim)
         module.TUNED_CONFIGS[(name, args.dim, args.dim)] = dict(defaults, **overrides)
-        q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, dtype, DEVICE)
+        q, k, v, extra = bench_inputs(decay, B, T, args.heads, args.dim, dtype, DEVICE)
         inputs = [q, k, v] + ([extra] if extra is not None else [])
         ours = [x.detach().clone().requires_grad_(x.dim() > 1) for x in inputs]
         theirs = [x.detach().double().requires_grad_(x.dim() > 1) for x in inputs]

@@ -11,7 +11,7 @@ import time
 import torch
 
 from attncc import tune
-from attncc.bench import BENCH_SPECS, _import_source
+from attncc.bench import BENCH_SPECS, import_source
 from attncc.check import parse_spec
 from attncc.compiler import compile_source
 
@@ -25,7 +25,7 @@ def main() -> int:
     for decay in args.decays.split(","):
         source = BENCH_SPECS[decay][0]
         spec = parse_spec(source).specs[0]
-        module = _import_source(compile_source(source, f"{decay}.attn"), f"explore_{decay}")
+        module = import_source(compile_source(source, f"{decay}.attn"), f"explore_{decay}")
         started = time.time()
         results = tune.sweep(module, spec, shape, torch.bfloat16)
         print(f"{decay} {shape}: {len(results)} configs in {time.time() - started:.0f}s", flush=True)

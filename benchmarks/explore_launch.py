@@ -15,7 +15,7 @@ import sys
 import torch
 import triton.testing
 
-from attncc.bench import _inputs, bench_module, shape_arguments
+from attncc.bench import bench_inputs, bench_module, shape_arguments
 
 CONFIGS = [
     {},
@@ -44,7 +44,7 @@ def main() -> int:
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "explore_fwd")
         fn = getattr(module, name)
-        q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
+        q, k, v, extra = bench_inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
         inputs = [q, k, v] + ([] if extra is None else [extra])
         if args.step:  # gradients for q, k, v and a data-dependent decay (the per-head slope stays constant)
             for x in inputs[:3] + inputs[3:] * (decay != "per_head"):

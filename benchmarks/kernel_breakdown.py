@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attncc.bench import _inputs, attncc_call, bench_module, shape_arguments
+from attncc.bench import attncc_call, bench_inputs, bench_module, shape_arguments
 
 STEPS = 5
 
@@ -29,7 +29,7 @@ def main() -> int:
     B, T = args.shape
     for decay in args.decays.split(","):
         module, name = bench_module(decay, "breakdown")
-        q, k, v, extra = _inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
+        q, k, v, extra = bench_inputs(decay, B, T, args.heads, args.dim, torch.bfloat16, "cuda")
         call, inputs = attncc_call(decay, getattr(module, name), q, k, v, extra)
         grad_out = torch.randn_like(q)
 

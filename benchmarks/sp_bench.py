@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from attncc.bench import _import_source
+from attncc.bench import import_source
 from attncc.compiler import compile_source
 
 SOURCE = "attention sp_lightning {\n    decay = per_head\n    scale = auto\n}\n"
@@ -37,7 +37,7 @@ def main() -> None:
         dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
-    module = _import_source(compile_source(SOURCE, "sp_lightning.attn"), f"sp_bench_{rank}")
+    module = import_source(compile_source(SOURCE, "sp_lightning.attn"), f"sp_bench_{rank}")
     H, D, T = args.heads, args.dim, args.T
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, T, H, D, generator=gen).to(device, dtype) for _ in range(3))
