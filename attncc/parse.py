@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from attncc.errors import AttnccError, Diagnostic, nearest, printable
+from attncc.errors import AttnccError, Diagnostic, did_you_mean, join_words, printable, shorten
 from attncc.ir import Span
 from attncc.resources import resource_path
 
@@ -267,12 +267,6 @@ _KEYWORDS = {"_ATTENTION": "attention"}
 _FORMAT = "a spec file holds blocks of the form `attention NAME { key = value ... }`"
 
 
-def _join(words: list[str]) -> str:
-    if len(words) <= 1:
-        return "".join(words)
-    return ", ".join(words[:-1]) + " or " + words[-1]
-
-
 def expected_words(expected: set[str]) -> str:
     """The set of acceptable terminals, in words, most useful first."""
     expected = set(expected)
@@ -286,18 +280,14 @@ def expected_words(expected: set[str]) -> str:
     order = list(_WORDS)
     for term in sorted(expected, key=lambda t: order.index(t) if t in order else len(order)):
         words.append(_WORDS.get(term, f"`{term}`"))
-    return _join(words)
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return join_words(words)
 
 
 def _describe_token(token: lark.Token) -> str:
     if token.type == "NAME":
-        return f"name `{_short(token.value)}`"
+        return f"name `{shorten(token.value)}`"
     if token.type == "NUMBER":
-        return f"number `{_short(token.value)}`"
+        return f"number `{shorten(token.value)}`"
     if token.type == "_NL":
         return "end of line"
     if token.type == "_ATTENTION":
@@ -411,9 +401,9 @@ def _syntax_diagnostic(
     message = f"unexpected {_describe_token(token)}, expected {expected_words(expected)}"
     if token.type == "NAME":
         keywords = [word for term, word in _KEYWORDS.items() if term in expected]
-        best = nearest(token.value, keywords) if keywords else None
-        if best is not None:
-            hint = f"did you mean `{best}`?"
+        suggestion = did_you_mean(token.value, keywords, list_all=False)
+        if suggestion is not None:
+            hint = suggestion
         elif expected <= {"_ATTENTION", "_NL", "_SEMI", "$END"}:
             hint = _FORMAT
         elif {"_NL", "_SEMI", "_RBRACE"} <= expected:
