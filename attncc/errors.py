@@ -3,6 +3,8 @@
 Every problem a user can cause in a spec becomes a `Diagnostic` that points at
 the exact spot (file:line:col), shows the line with a caret under it, says
 what was expected, and, where one exists, suggests the nearest valid word.
+Related places ("first set here") are `Label`s, drawn in the same snippet under
+their own lines with `-`, as rustc draws its secondary labels.
 """
 
 from __future__ import annotations
@@ -74,16 +76,31 @@ def _snippet(span: Span, lines: list[str], labels: Sequence[Label] = ()) -> list
     marks += [(lb.span, "-", " " + lb.message) for lb in labels if lb.span.file == span.file]
     marks = [m for m in marks if 1 <= m[0].line <= len(lines)]
     out: list[str] = []
+    previous = None
     for line in sorted({m[0].line for m in marks}):
-        here = [m for m in marks if m[0].line == line]  # the caret first, when on this line
-        text, left, right, offset = _window(lines[line - 1], here[0][0].column - 1)
-        # Control characters would move the caret (or the terminal): show them escaped,
-        # keeping one column each so the caret stays under its character.
-        shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in text)
+        if previous is not None and line > previous + 1:
+            out.append(f"{'...':>4}")  # lines left out between two marked lines
+        previous = line
+        text = lines[line - 1]
+        # The marks of one line share its window when they fit in it (the caret's first);
+        # a mark outside it shows the line again, cut around that mark.
+        windows: list[tuple[tuple[str, str, str, int], list]] = []
+        for mark in (m for m in marks if m[0].line == line):
+            start = mark[0].column - 1
+            for (shown, left, right, offset), group in windows:
+                if not (left or right) or offset <= start < offset + len(shown):
+                    group.append(mark)
+                    break
+            else:
+                windows.append((_window(text, start), [mark]))
         gutter = f"{line:>4} | "
-        out.append(gutter + left + shown + right)
-        indent = " " * (len(gutter) + len(left))
-        out += [indent + _underline(s, shown, offset, char) + note for s, char, note in here]
+        for (shown, left, right, offset), group in windows:
+            # Control characters would move the caret (or the terminal): show them escaped,
+            # keeping one column each so the caret stays under its character.
+            shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in shown)
+            out.append(gutter + left + shown + right)
+            indent = " " * (len(gutter) + len(left))
+            out += [indent + _underline(s, shown, offset, char) + note for s, char, note in group]
     return out
 
 

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from attncc.errors import AttnccError, Diagnostic, did_you_mean, join_words, printable, shorten
+from attncc.errors import (
+    AttnccError,
+    Diagnostic,
+    Label,
+    did_you_mean,
+    join_words,
+    printable,
+    shorten,
+)
 from attncc.ir import Span
 from attncc.resources import resource_path
 
@@ -336,6 +344,18 @@ def _end_of_content(source: str, segment: _Segment) -> tuple[int, int]:
     return segment.first_line, 1
 
 
+_INDENT = re.compile(r"[ \t\f\r\v]*")  # what may precede a block's `attention` (_BLOCK_START)
+
+
+def _next_block_span(source: str, segment: _Segment, filename: str) -> Span:
+    """The `attention` keyword that starts the segment after this one."""
+    assert segment.next_block_line is not None
+    indent = _INDENT.match(source, segment.end).end() - segment.end
+    column = indent + 1  # segments start at line starts
+    line = segment.next_block_line
+    return Span(filename, line, column, line, column + len("attention"))
+
+
 def _shift_token(token: lark.Token, lines: int, offset: int) -> None:
     token.line += lines
     token.end_line += lines
@@ -384,16 +404,16 @@ def _syntax_diagnostic(
     if token.type == "$END":
         line, column = _end_of_content(source, segment)
         span = Span(filename, line, column, line, column + 1)
-        where = (
-            "the end of the file"
-            if segment.next_block_line is None
-            else f"the next `attention` block (line {segment.next_block_line})"
-        )
+        where, labels = "the end of the file", ()
+        if segment.next_block_line is not None:
+            where = "the next `attention` block"
+            next_block = _next_block_span(source, segment, filename)
+            labels = (Label("the next block starts here", next_block),)
         if "_RBRACE" in expected:
-            return Diagnostic(f"unclosed block: expected `}}` before {where}", span)
+            return Diagnostic(f"unclosed block: expected `}}` before {where}", span, labels=labels)
         expected.discard("$END")
         message = f"unexpected end of input before {where}, expected {expected_words(expected)}"
-        return Diagnostic(message, span)
+        return Diagnostic(message, span, labels=labels)
 
     span = token_span(token, filename)
     if expected - {"$END"}:

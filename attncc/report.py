@@ -39,7 +39,8 @@ class Reporter:
         labels: Sequence[tuple[str, Where]] = (),
         notes: Sequence[tuple[str, Where]] = (),
     ) -> None:
-        """Record one diagnostic; `labels` are (message, place) pairs drawn in its snippet."""
+        """Record one diagnostic. `labels` and `notes` are (message, place) pairs: a label
+        is drawn in the diagnostic's snippet, a note is shown after it with its own."""
         self.diagnostics.append(
             Diagnostic(
                 message,

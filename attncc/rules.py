@@ -189,9 +189,10 @@ def check_names(report: Reporter, names: list[lark.Token]) -> None:
         name = str(tok)
         if name in first:
             report.error(
-                f"duplicate attention name `{name}` (first defined at line {first[name].line})",
+                f"duplicate attention name `{name}`",
                 tok,
                 "each block of a file needs its own name",
+                labels=[("first defined here", first[name])],
             )
             continue
         first[name] = tok
@@ -207,6 +208,7 @@ def check_names(report: Reporter, names: list[lark.Token]) -> None:
                 f"or `_{prefix}_`",
                 tok,
                 f"rename one of the two blocks, e.g. `attention {_joined(name)}`",
+                # A note, not a label: callers read the other block's place from d.notes.
                 notes=[(f"block `{prefix}` is defined here", other)],
             )
             break
@@ -229,11 +231,11 @@ def check_keys(report: Reporter, entries: list[lark.Tree]) -> Entries:
                 f"unknown key `{key}`", key_tok, did_you_mean(key, KEYS, False) or _keys_hint()
             )
         elif key in found:
-            first = found[key][0]
             report.error(
-                f"duplicate key `{key}` (first set at line {first.line})",
+                f"duplicate key `{key}`",
                 key_tok,
                 "each key may be set once per block",
+                labels=[("first set here", found[key][0])],
             )
         else:
             found[key] = (key_tok, value)
@@ -243,23 +245,23 @@ def check_keys(report: Reporter, entries: list[lark.Tree]) -> Entries:
 def check_conflicts(report: Reporter, entries: Entries, values: dict[str, object]) -> None:
     """Keys that are valid alone but not together."""
     if "feature_map" in entries:
-        line = entries["feature_map"][0].line
         for key in ("q_map", "k_map"):
             if key in entries:
                 report.error(
-                    f"`{key}` cannot be combined with `feature_map` (line {line})",
+                    f"`{key}` cannot be combined with `feature_map`",
                     entries[key][0],
                     "`feature_map` sets both maps; use either `feature_map` alone, "
                     "or `q_map` and `k_map`",
+                    labels=[("`feature_map` is set here", entries["feature_map"][0])],
                 )
     decay = values.get("decay")
     if values.get("causal") is False and decay is not None and decay is not Decay.NONE:
-        line = entries["decay"][0].line
         report.error(
-            f"`causal = false` cannot be combined with `decay = {decay.value}` (line {line})",
+            f"`causal = false` cannot be combined with `decay = {decay.value}`",
             entries["causal"][1],
             "non-causal attention has no order to decay along: use `decay = none`, "
             "or `causal = true`",
+            labels=[("`decay` is set here", entries["decay"][1])],
         )
     if values.get("gate") is not None and "decay" not in entries:
         report.error(
@@ -269,10 +271,10 @@ def check_conflicts(report: Reporter, entries: Entries, values: dict[str, object
         )
     elif values.get("gate") is not None and decay is not None and not decay.data_dependent:
         report.error(
-            f"`gate` needs a data-dependent decay, but `decay` is `{decay.value}` "
-            f"(line {entries['decay'][0].line})",
+            f"`gate` needs a data-dependent decay, but `decay` is `{decay.value}`",
             entries["gate"][0],
             "use `decay = per_token` or `decay = per_channel`",
+            labels=[("`decay` is set here", entries["decay"][1])],
         )
 
 
