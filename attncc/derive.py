@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import sympy
 
 from attncc import expr as ex
+from attncc.describe import decay_input  # the decay argument's name: one home
 from attncc.ir import (
     AttentionSpec,
-    Decay,
     ElementwiseMap,
     FeatureMap,
     IdentityMap,
@@ -130,12 +130,6 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         grad, used_grad = ex.to_triton(ex.derivative(spec.gate))
         helpers |= used | used_grad
         gate = GatePlan(body, grad, ex.to_torch(spec.gate), ex.to_text(spec.gate))
-    decay_input = {
-        Decay.NONE: None,
-        Decay.PER_HEAD: "slope",
-        Decay.PER_TOKEN: "gate_input" if gate else "g",
-        Decay.PER_CHANNEL: "gate_input" if gate else "g",
-    }[spec.decay]
     return KernelPlan(
         name=spec.name,
         decay=spec.decay.value,
@@ -154,5 +148,5 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         k_map=k_map,
         gate=gate,
         helpers=tuple(sorted(helpers)),
-        decay_input=decay_input,
+        decay_input=decay_input(spec),
     )

@@ -1,7 +1,9 @@
 """A checked spec in words: its normalized text, the math it denotes, its call signature.
 
 This is what `attncc check` prints for every block. The argument names are
-the ones the generated function takes (`slope`, `g`, `gate_input`).
+the ones the generated function takes (`slope`, `g`, `gate_input`): `decay_input`
+is their one home, which `derive` reads too; `summary` is the one-line account
+the generated module prints for each block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,32 @@ def decay_input(spec: AttentionSpec) -> str | None:
     if spec.decay.data_dependent:
         return "gate_input" if spec.gate is not None else "g"
     return None
+
+
+_DECAY_SUMMARY = {
+    Decay.NONE: "no decay",
+    Decay.PER_HEAD: "per-head decay exp(-slope_h)",
+    Decay.PER_TOKEN: "per-token decay exp(g_t)",
+    Decay.PER_CHANNEL: "per-channel decay diag(exp(g_t))",
+}
+
+
+def summary(spec: AttentionSpec) -> str:
+    """One line saying what the variant computes (the generated module's docstrings)."""
+    if spec.q_map == spec.k_map:
+        maps = map_text(spec.q_map)
+    else:
+        maps = f"q: {map_text(spec.q_map)}, k: {map_text(spec.k_map)}"
+    parts = [
+        "causal" if spec.causal else "non-causal",
+        f"linear attention, {_DECAY_SUMMARY[spec.decay]}",
+        f"feature map {maps}",
+    ]
+    if spec.gate is not None:
+        parts.append(f"gate {to_text(spec.gate)}")
+    if spec.normalize:
+        parts.append("normalized")
+    return ", ".join(parts) + "."
 
 
 def _map_math(feature_map: FeatureMap) -> str:

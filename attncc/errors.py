@@ -3,6 +3,8 @@
 Every problem a user can cause in a spec becomes a `Diagnostic` that points at
 the exact spot (file:line:col), shows the line with a caret under it, says
 what was expected, and, where one exists, suggests the nearest valid word.
+Related places ("first set here") are `Label`s, drawn in the same snippet under
+their own lines with `-`, as rustc draws its secondary labels.
 """
 
 from __future__ import annotations
@@ -28,39 +30,78 @@ def printable(text: str) -> str:
 
 @dataclass(frozen=True)
 class Note:
-    """A secondary place that explains a diagnostic ("the other block is here")."""
+    """A secondary place that explains a diagnostic ("the other block is here"), shown
+    as a diagnostic of its own: its own head line and snippet, after the error's."""
 
     message: str
     span: Span
 
 
-def _snippet(span: Span, lines: list[str]) -> list[str]:
-    """The span's line, and a caret under the span; long lines cut to a window."""
-    if not 1 <= span.line <= len(lines):
-        return []
-    text = lines[span.line - 1]
-    start = span.column - 1
+@dataclass(frozen=True)
+class Label:
+    """A related place drawn inside the error's snippet, as rustc does: its line shown in
+    order with the error's, underlined with `-` and this message beside it."""
+
+    message: str
+    span: Span
+
+
+def _window(text: str, start: int) -> tuple[str, str, str, int]:
+    """(shown text, left marker, right marker, offset): a long line cut around `start`."""
+    if len(text) <= _SNIPPET_WIDTH:
+        return text, "", "", 0
+    first = max(0, min(start - _SNIPPET_WIDTH // 4, len(text) - _SNIPPET_WIDTH))
+    left = "..." if first > 0 else ""
+    right = "..." if first + _SNIPPET_WIDTH < len(text) else ""
+    return text[first : first + _SNIPPET_WIDTH], left, right, first
+
+
+def _underline(span: Span, shown: str, offset: int, char: str) -> str:
+    """Spaces up to the span's column in `shown`, then `char` under the span."""
+    start = max(0, span.column - 1 - offset)
     width = 1
     if span.end_line == span.line:
         width = max(1, span.end_column - span.column)
     width = min(width, _SNIPPET_WIDTH)
-    left, right = "", ""
-    if len(text) > _SNIPPET_WIDTH:
-        first = max(0, min(start - _SNIPPET_WIDTH // 4, len(text) - _SNIPPET_WIDTH))
-        if first > 0:
-            left = "..."
-        if first + _SNIPPET_WIDTH < len(text):
-            right = "..."
-        text = text[first : first + _SNIPPET_WIDTH]
-        start -= first
-    # Control characters would move the caret (or the terminal): show them escaped,
-    # keeping one column each so the caret stays under its character.
-    shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in text)
-    gutter = f"{span.line:>4} | "
     # Tabs stay tabs under the caret, so it lines up however wide the terminal shows them.
     pad = "".join("\t" if c == "\t" else " " for c in shown[:start])
     pad += " " * max(0, start - len(shown))
-    return [gutter + left + shown + right, " " * (len(gutter) + len(left)) + pad + "^" * width]
+    return pad + char * width
+
+
+def _snippet(span: Span, lines: list[str], labels: Sequence[Label] = ()) -> list[str]:
+    """The span's line with a caret under the span, and each label's line (in line order)
+    underlined with `-` and the label's message; long lines cut to a window."""
+    marks = [(span, "^", "")]
+    marks += [(lb.span, "-", " " + lb.message) for lb in labels if lb.span.file == span.file]
+    marks = [m for m in marks if 1 <= m[0].line <= len(lines)]
+    out: list[str] = []
+    previous = None
+    for line in sorted({m[0].line for m in marks}):
+        if previous is not None and line > previous + 1:
+            out.append(f"{'...':>4}")  # lines left out between two marked lines
+        previous = line
+        text = lines[line - 1]
+        # The marks of one line share its window when they fit in it (the caret's first);
+        # a mark outside it shows the line again, cut around that mark.
+        windows: list[tuple[tuple[str, str, str, int], list]] = []
+        for mark in (m for m in marks if m[0].line == line):
+            start = mark[0].column - 1
+            for (shown, left, right, offset), group in windows:
+                if not (left or right) or offset <= start < offset + len(shown):
+                    group.append(mark)
+                    break
+            else:
+                windows.append((_window(text, start), [mark]))
+        gutter = f"{line:>4} | "
+        for (shown, left, right, offset), group in windows:
+            # Control characters would move the caret (or the terminal): show them escaped,
+            # keeping one column each so the caret stays under its character.
+            shown = "".join(c if c.isprintable() or c == "\t" else "?" for c in shown)
+            out.append(gutter + left + shown + right)
+            indent = " " * (len(gutter) + len(left))
+            out += [indent + _underline(s, shown, offset, char) + note for s, char, note in group]
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,6 +110,7 @@ class Diagnostic:
     span: Span | None = None
     hint: str | None = None
     notes: tuple[Note, ...] = ()
+    labels: tuple[Label, ...] = ()  # related places shown in this diagnostic's snippet
 
     def render(self, source: str | None = None, lines: list[str] | None = None) -> str:
         """The diagnostic as shown to a user; `lines` may pass the source already split."""
@@ -76,7 +118,7 @@ class Diagnostic:
             lines = _source_lines(source)
         out = [_head(self.span, "error", self.message)]
         if self.span is not None and lines is not None:
-            out += _snippet(self.span, lines)
+            out += _snippet(self.span, lines, self.labels)
         for note in self.notes:
             out.append(_head(note.span, "note", note.message))
             if lines is not None:
@@ -122,10 +164,26 @@ def nearest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
-    """A hint string suggesting the nearest candidate, or listing them all."""
+def did_you_mean(word: str, candidates: Iterable[str], list_all: bool = True) -> str | None:
+    """A hint suggesting the nearest candidate; else one listing them all (or None, when
+    not `list_all`: the caller has a hint of its own)."""
     candidates = sorted(candidates)
     best = nearest(word, candidates)
     if best is not None:
         return f"did you mean `{best}`?"
+    if not list_all:
+        return None
     return "expected one of: " + ", ".join(f"`{c}`" for c in candidates)
+
+
+def join_words(words: Iterable[str], last: str = "or") -> str:
+    """`a`, `b` or `c`: words (already quoted as they should read) joined for a message."""
+    words = list(words)
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + f" {last} " + words[-1]
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """text cut to `limit` characters, ending in `...` when cut: for quoting in messages."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from attncc.errors import AttnccError, Diagnostic, nearest, printable
+from attncc.errors import (
+    AttnccError,
+    Diagnostic,
+    Label,
+    did_you_mean,
+    join_words,
+    printable,
+    shorten,
+)
 from attncc.ir import Span
 from attncc.resources import resource_path
 
@@ -267,12 +275,6 @@ _KEYWORDS = {"_ATTENTION": "attention"}
 _FORMAT = "a spec file holds blocks of the form `attention NAME { key = value ... }`"
 
 
-def _join(words: list[str]) -> str:
-    if len(words) <= 1:
-        return "".join(words)
-    return ", ".join(words[:-1]) + " or " + words[-1]
-
-
 def expected_words(expected: set[str]) -> str:
     """The set of acceptable terminals, in words, most useful first."""
     expected = set(expected)
@@ -286,18 +288,14 @@ def expected_words(expected: set[str]) -> str:
     order = list(_WORDS)
     for term in sorted(expected, key=lambda t: order.index(t) if t in order else len(order)):
         words.append(_WORDS.get(term, f"`{term}`"))
-    return _join(words)
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return join_words(words)
 
 
 def _describe_token(token: lark.Token) -> str:
     if token.type == "NAME":
-        return f"name `{_short(token.value)}`"
+        return f"name `{shorten(token.value)}`"
     if token.type == "NUMBER":
-        return f"number `{_short(token.value)}`"
+        return f"number `{shorten(token.value)}`"
     if token.type == "_NL":
         return "end of line"
     if token.type == "_ATTENTION":
@@ -344,6 +342,18 @@ def _end_of_content(source: str, segment: _Segment) -> tuple[int, int]:
         if content:  # segments start at line starts, so columns are the file's
             return segment.first_line + index, len(content) + 1
     return segment.first_line, 1
+
+
+_INDENT = re.compile(r"[ \t\f\r\v]*")  # what may precede a block's `attention` (_BLOCK_START)
+
+
+def _next_block_span(source: str, segment: _Segment, filename: str) -> Span:
+    """The `attention` keyword that starts the segment after this one."""
+    assert segment.next_block_line is not None
+    indent = _INDENT.match(source, segment.end).end() - segment.end
+    column = indent + 1  # segments start at line starts
+    line = segment.next_block_line
+    return Span(filename, line, column, line, column + len("attention"))
 
 
 def _shift_token(token: lark.Token, lines: int, offset: int) -> None:
@@ -394,16 +404,16 @@ def _syntax_diagnostic(
     if token.type == "$END":
         line, column = _end_of_content(source, segment)
         span = Span(filename, line, column, line, column + 1)
-        where = (
-            "the end of the file"
-            if segment.next_block_line is None
-            else f"the next `attention` block (line {segment.next_block_line})"
-        )
+        where, labels = "the end of the file", ()
+        if segment.next_block_line is not None:
+            where = "the next `attention` block"
+            next_block = _next_block_span(source, segment, filename)
+            labels = (Label("the next block starts here", next_block),)
         if "_RBRACE" in expected:
-            return Diagnostic(f"unclosed block: expected `}}` before {where}", span)
+            return Diagnostic(f"unclosed block: expected `}}` before {where}", span, labels=labels)
         expected.discard("$END")
         message = f"unexpected end of input before {where}, expected {expected_words(expected)}"
-        return Diagnostic(message, span)
+        return Diagnostic(message, span, labels=labels)
 
     span = token_span(token, filename)
     if expected - {"$END"}:
@@ -411,9 +421,9 @@ def _syntax_diagnostic(
     message = f"unexpected {_describe_token(token)}, expected {expected_words(expected)}"
     if token.type == "NAME":
         keywords = [word for term, word in _KEYWORDS.items() if term in expected]
-        best = nearest(token.value, keywords) if keywords else None
-        if best is not None:
-            hint = f"did you mean `{best}`?"
+        suggestion = did_you_mean(token.value, keywords, list_all=False)
+        if suggestion is not None:
+            hint = suggestion
         elif expected <= {"_ATTENTION", "_NL", "_SEMI", "$END"}:
             hint = _FORMAT
         elif {"_NL", "_SEMI", "_RBRACE"} <= expected:

@@ -10,7 +10,8 @@ import re
 import jinja2
 
 from attncc._version import __version__
-from attncc.derive import L2NORM_EPS, LOG_DECAY_FLOOR, NORMALIZER_EPS, KernelPlan, plan
+from attncc.derive import L2NORM_EPS, LOG_DECAY_FLOOR, NORMALIZER_EPS, plan
+from attncc.describe import summary  # the one-line account of a block: one home
 from attncc.ir import AttentionSpec, SpecFile
 from attncc.resources import resource_dir
 
@@ -76,23 +77,6 @@ def spec_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def summary(p: KernelPlan) -> str:
-    """One line saying what the variant computes."""
-    decay = {
-        "none": "no decay",
-        "per_head": "per-head decay exp(-slope_h)",
-        "per_token": "per-token decay exp(g_t)",
-        "per_channel": "per-channel decay diag(exp(g_t))",
-    }[p.decay]
-    maps = p.q_map.text if p.q_map == p.k_map else f"q: {p.q_map.text}, k: {p.k_map.text}"
-    parts = ["causal" if p.causal else "non-causal", f"linear attention, {decay}", f"feature map {maps}"]
-    if p.gate:
-        parts.append(f"gate {p.gate.text}")
-    if p.normalize:
-        parts.append("normalized")
-    return ", ".join(parts) + "."
-
-
 def render_module(
     specs: SpecFile | list[AttentionSpec],
     source: str,
@@ -106,7 +90,7 @@ def render_module(
     template = _environment().get_template("module.py.j2")
     text = template.render(
         plans=plans,
-        summaries={p.name: summary(p) for p in plans},
+        summaries={s.name: summary(s) for s in spec_list},
         helpers=helpers,
         version=__version__,
         filename_comment=comment_text(filename),

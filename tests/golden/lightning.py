@@ -88,11 +88,29 @@ def _check_device(device, **tensors):
             raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
 
 
-@functools.lru_cache(maxsize=64)
 def _equal_sequence_starts(batch, length, device):
     """cu_seqlens of `batch` sequences of `length` tokens: [0, T, 2T, ...] (B = 0 gives [0])."""
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device) if length else (
-        torch.zeros(batch + 1, dtype=torch.int32, device=device))
+    return _made_once(_equal_starts_tensor, batch, length, device)
+
+
+def _equal_starts_tensor(batch, length, device):
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+
+
+_MADE_ONCE = {}  # (maker, arguments) -> tensor: small index tensors kept for later calls
+
+
+def _made_once(maker, *args):
+    """maker(*args), kept for later calls; made afresh, and not kept, while a CUDA graph is
+    being captured (a tensor made then lives in the graph's private memory pool)."""
+    key = (maker, *args)
+    if key in _MADE_ONCE:
+        return _MADE_ONCE[key]
+    value = maker(*args)
+    device = args[-1]
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _MADE_ONCE[key] = value
+    return value
 
 
 @functools.lru_cache(maxsize=8)
@@ -240,13 +258,23 @@ def _cut_segments(cu_seqlens, equal_lengths, longest, segment_len):
     return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, cu_seqlens.device)
 
 
-@functools.lru_cache(maxsize=64)
 def _equal_segments(num_seqs, length, segment_len, device):
-    """_cut_segments for num_seqs sequences of `length` tokens, made once on the host."""
+    """_cut_segments for num_seqs sequences of `length` tokens, made once."""
+    return _made_once(_equal_segments_tensors, num_seqs, length, segment_len, device)
+
+
+def _equal_segments_tensors(num_seqs, length, segment_len, device):
     per_sequence = _cdiv(length, segment_len)
-    cuts = [min(j * segment_len, length) + i * length for i in range(num_seqs) for j in range(per_sequence)]
-    segment_cu = torch.tensor([*cuts, num_seqs * length], dtype=torch.int32, device=device)
+    within = torch.clamp(torch.arange(per_sequence, dtype=torch.int32, device=device) * segment_len, max=length)
+    starts = torch.arange(num_seqs, dtype=torch.int32, device=device)[:, None] * length
+    segment_cu = torch.cat([(starts + within).flatten(), starts.new_full((1,), num_seqs * length)])
     return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, device)
+
+
+def _dense(*tensors):
+    """The operators' inputs as the kernels read them: dense (a no-op for the tensors the
+    generated functions pass; a compiler may hand an operator other strides)."""
+    return tuple(None if x is None else x.contiguous() for x in tensors)
 
 
 def _new_op_library(prefix):
@@ -781,7 +809,9 @@ def _lightning_check_step_inputs(q_t, k_t, v_t, state, slope):
 
 
 def _lightning_config(D, E):
-    """Launch parameters: tuned ones where `attncc tune` stored them, else defaults."""
+    """Launch parameters: tuned ones where `attncc tune` stored them, else defaults.
+    (Head dims are static facts of a launch: traced with symbolic sizes, they specialize.)"""
+    D, E = int(D), int(E)
     config = {
         "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 64),
         "narrow_block_e": True,
@@ -1007,6 +1037,7 @@ def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_se
     """lightning_forward on dense [tokens, heads, dim] inputs; cu_seqlens None means num_seqs
     sequences of longest tokens. Returns (o, final state, states entering the segments the
     backward pass uses, per-channel path flag); those absent are empty tensors."""
+    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
     equal_lengths = cu_seqlens is None
     if equal_lengths:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
@@ -1043,6 +1074,9 @@ def _lightning_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs,
 def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
                              dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     """lightning_backward: (dq, dk, dv, d(decay input), d(initial state)); those not needed are empty."""
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
+        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
+    )
     equal_lengths = cu_seqlens is None
     if equal_lengths:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
@@ -1228,6 +1262,7 @@ def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu
 
 def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
     """lightning_step on dense inputs: (o_t, new state)."""
+    q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
     o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
