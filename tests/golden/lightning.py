@@ -89,28 +89,12 @@ def _check_device(device, **tensors):
 
 
 def _equal_sequence_starts(batch, length, device):
-    """cu_seqlens of `batch` sequences of `length` tokens: [0, T, 2T, ...] (B = 0 gives [0])."""
-    return _made_once(_equal_starts_tensor, batch, length, device)
-
-
-def _equal_starts_tensor(batch, length, device):
-    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
-
-
-_MADE_ONCE = {}  # (maker, arguments) -> tensor: small index tensors kept for later calls
-
-
-def _made_once(maker, *args):
-    """maker(*args), kept for later calls; made afresh, and not kept, while a CUDA graph is
-    being captured (a tensor made then lives in the graph's private memory pool)."""
-    key = (maker, *args)
-    if key in _MADE_ONCE:
-        return _MADE_ONCE[key]
-    value = maker(*args)
-    device = args[-1]
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _MADE_ONCE[key] = value
-    return value
+    """cu_seqlens of `batch` sequences of `length` tokens: [0, T, 2T, ...] (B = 0 gives [0]).
+    Made on the device at each call, not kept: a tensor kept from a call made while a CUDA
+    graph is captured or warmed up would live in the graph's private memory pool."""
+    if length == 0:
+        return torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -243,32 +227,37 @@ def _forward_block_e(config, rows, E, device):
     return block_e
 
 
-def _cut_segments(cu_seqlens, equal_lengths, longest, segment_len):
+def _cut_segments(cu_seqlens, longest, segment_len):
     """Every sequence cut into S = cdiv(longest, segment_len) segments of segment_len
     tokens: (segment_cu [N * S + 1] in cu_seqlens style, segment_starts [N + 1] =
     0, S, 2S, ...). The last segments of a sequence shorter than `longest` are empty.
-    Shapes follow from (N, longest, segment_len) alone and nothing is read on the host."""
+    Shapes follow from (N, longest, segment_len) alone, and one small kernel on the
+    device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    if equal_lengths:
-        return _equal_segments(num_seqs, longest, segment_len, cu_seqlens.device)
-    offsets = torch.arange(per_sequence, dtype=torch.int32, device=cu_seqlens.device) * segment_len
-    cuts = torch.minimum(cu_seqlens[:-1, None] + offsets, cu_seqlens[1:, None])
-    segment_cu = torch.cat([cuts.flatten(), cu_seqlens[-1:]])
-    return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, cu_seqlens.device)
+    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device)
+    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
+        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts, num_seqs=num_seqs,
+        per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
+    )
+    return segment_cu, segment_starts
 
 
-def _equal_segments(num_seqs, length, segment_len, device):
-    """_cut_segments for num_seqs sequences of `length` tokens, made once."""
-    return _made_once(_equal_segments_tensors, num_seqs, length, segment_len, device)
-
-
-def _equal_segments_tensors(num_seqs, length, segment_len, device):
-    per_sequence = _cdiv(length, segment_len)
-    within = torch.clamp(torch.arange(per_sequence, dtype=torch.int32, device=device) * segment_len, max=length)
-    starts = torch.arange(num_seqs, dtype=torch.int32, device=device)[:, None] * length
-    segment_cu = torch.cat([(starts + within).flatten(), starts.new_full((1,), num_seqs * length)])
-    return segment_cu, _equal_sequence_starts(num_seqs, per_sequence, device)
+@triton.jit
+def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
+                           BLOCK: tl.constexpr):
+    """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
+    segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    count = num_seqs * per_sequence
+    in_range = i <= count
+    sequence = tl.minimum(i // per_sequence, num_seqs)  # i = N * S: sequence N, j = 0, cu[N]
+    j = i - sequence * per_sequence
+    start = tl.load(cu_seqlens + sequence, mask=in_range, other=0)
+    end = tl.load(cu_seqlens + tl.minimum(sequence + 1, num_seqs), mask=in_range, other=0)
+    tl.store(segment_cu + i, tl.minimum(start + j * segment_len, end), mask=in_range)
+    tl.store(segment_starts + i, i * per_sequence, mask=i <= num_seqs)
 
 
 def _dense(*tensors):
@@ -859,7 +848,7 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     return config, None, _lightning_backward_segment_length(config, longest, num_seqs * H, device)
 
 
-def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, segment_len, final_state,
+def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
                             config):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
@@ -867,7 +856,7 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_l
     states); writes the sequences' final states into final_state if given."""
     H, D, E = q.shape[1], q.shape[2], v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
-    segment_cu, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, segment_len)
+    segment_cu, segment_starts = _cut_segments(cu_seqlens, longest, segment_len)
     num_segments = segment_cu.shape[0] - 1
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
@@ -915,7 +904,7 @@ def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, 
     _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
 
 
-def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, output_final_state,
+def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
                     store_output, needs_grad):
     """The forward pass (see _lightning_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
@@ -926,25 +915,25 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths,
     config, segment_len, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
     final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
     if not store_output:
-        _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, segment_len,
+        _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
         return None, final_state, None
     o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
     if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
         entering = segment_starts = None
         if saved_len is not None:
-            _, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, saved_len)
+            _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
             entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
         _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
                         scale, config)
         return o, final_state, entering
-    segment_cu, _, entering = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest,
+    segment_cu, _, entering = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
                                                       segment_len, final_state, config)
     _lightning_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config)
     return o, final_state, entering
 
 
-def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, final_state, entering,
+def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
                      store_output, do, dfinal_state, needs_decay_grad):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
@@ -969,14 +958,14 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, equal_lengths
     segments = None
     _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
     if entering is not None:
-        segment_cu, segment_starts = _cut_segments(cu_seqlens, equal_lengths, longest, saved_len)
+        segment_cu, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
         segments = (segment_cu, segment_starts, entering)
     else:
         # The backward kernels run one program per (segment, head): cut long sequences
         # here when the forward pass did not hand segments over.
         segment_len = _lightning_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest,
+            segments = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
                                               segment_len, None, config)
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
@@ -1038,11 +1027,10 @@ def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_se
     sequences of longest tokens. Returns (o, final state, states entering the segments the
     backward pass uses, per-channel path flag); those absent are empty tensors."""
     q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
-    equal_lengths = cu_seqlens is None
-    if equal_lengths:
+    if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     o, final_state, entering = _lightning_forward(
-        q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, output_final_state, store_output,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
         needs_grad,
     )
     empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
@@ -1077,11 +1065,10 @@ def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
-    equal_lengths = cu_seqlens is None
-    if equal_lengths:
+    if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     dq, dk, dv, ddecay, dinitial_state = _lightning_backward(
-        q, k, v, decay, initial_state, cu_seqlens, equal_lengths, longest, scale, final_state,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state,
         entering if entering.shape[0] > 0 else None, store_output, do, dfinal_state,
         needs_decay_grad=needs_decay_grad,
     )
