@@ -118,6 +118,8 @@ SHARED_NAMES = frozenset(
         "_new_op_library",
         "_define_op",
         "_dense",
+        "_INTERPRETED",
+        "_runs_directly",
         "_OPS",
         "_segment_length",
         *(name for name in ex.TritonPrinter.functions.values() if name.startswith("_")),

@@ -122,7 +122,8 @@ def test_reference_takes_no_tokens_and_empty_sequences():
     q, k, v, g = torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2, 3), -torch.rand(1, 9, 2)
     cu = torch.tensor([0, 4, 4, 9])
     o, state = module.ref_empty_reference(q, k, v, g, cu_seqlens=cu, output_final_state=True)
-    ours, our_state = module.ref_empty(q, k, v, g, cu_seqlens=cu.to(torch.int32), output_final_state=True)
+    on_device = [x.to(DEVICE) for x in (q, k, v, g)]
+    ours, our_state = module.ref_empty(*on_device, cu_seqlens=cu.to(DEVICE, torch.int32), output_final_state=True)
     assert rel_error(ours, o) < TOLERANCE[torch.float32] and torch.equal(state[1], torch.zeros(2, 4, 3))
 
 
@@ -162,7 +163,7 @@ def test_a_bad_scale_is_refused(scale):
 def test_wrong_types_are_named():
     spec = AttentionSpec(name="type_checks", decay=Decay.NONE, chunk=16)
     fn = getattr(module_for(spec), spec.name)
-    q = torch.randn(1, 5, 1, 4)
+    q = torch.randn(1, 5, 1, 4, device=DEVICE)
     with pytest.raises(ValueError, match="initial_state must be a torch.Tensor"):
         fn(q, q, q, initial_state=torch.zeros(1, 1, 4, 4).numpy())
     with pytest.raises(ValueError, match="output_final_state must be True or False"):
@@ -187,3 +188,16 @@ def test_overflowing_dropped_pairs_stay_out_of_the_per_channel_exact_path():
     assert rel_error(o[0, :6].cpu(), expected[0, :6]) < TOLERANCE[torch.float32]
     o[0, :6].sum().backward()  # a loss on tokens before 6: dv of token 6 onwards is 0
     assert torch.equal(args[2].grad[0, 6:].cpu(), torch.zeros(26, 1, 3))
+
+
+def test_cpu_tensors_on_a_machine_with_a_gpu_are_refused_clearly(monkeypatch):
+    """Where a GPU is present the kernels are compiled for CUDA: CPU inputs get a clear
+    ValueError before any launch, not Triton's "cannot be accessed from Triton"."""
+    spec = AttentionSpec(name="cpu_on_gpu", decay=Decay.PER_TOKEN, chunk=16)
+    module = module_for(spec)
+    monkeypatch.setattr(module, "_INTERPRETED", False)  # as on a machine with a GPU
+    q, k, v, g = torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 3), -torch.rand(1, 5, 1)
+    with pytest.raises(ValueError, match="move them to a CUDA device"):
+        module.cpu_on_gpu(q, k, v, g)
+    with pytest.raises(ValueError, match="move them to a CUDA device"):
+        module.cpu_on_gpu_step(q[:, 0], k[:, 0], v[:, 0], torch.zeros(1, 1, 4, 3), g[:, 0])

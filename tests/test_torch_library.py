@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo.testing
+from kernelkit import DEVICE
 
 from attncc.compiler import compile_source
 from attncc.loader import import_path
-from tests.kernelkit import DEVICE
 
 SPECS = {
     "none": "attention plain {\n    decay = none\n    chunk = 16\n}\n",

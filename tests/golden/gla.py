@@ -30,6 +30,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+# Whether the kernels run through Triton's interpreter (on CPU tensors) or compiled (on CUDA ones).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "f77e3412cb2b0e10"
 SPEC_SOURCE = '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\nattention gla {\n    feature_map = identity\n    decay       = per_channel\n    gate        = logsigmoid(x) / 16\n    chunk       = 64\n    scale       = auto\n}\n'
@@ -91,6 +94,12 @@ def _check_shape(name, x, expected, layout):
 
 
 def _check_device(device, **tensors):
+    if device.type == "cpu" and not _INTERPRETED:
+        raise ValueError(
+            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled for "
+            "CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's interpreter "
+            "only where no GPU is present, or with TRITON_INTERPRET=1 set before the module is imported)"
+        )
     for name, x in tensors.items():
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
@@ -268,6 +277,19 @@ def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per
     end = tl.load(cu_seqlens + tl.minimum(sequence + 1, num_seqs), mask=in_range, other=0)
     tl.store(segment_cu + i, tl.minimum(start + j * segment_len, end), mask=in_range)
     tl.store(segment_starts + i, i * per_sequence, mask=i <= num_seqs)
+
+
+def _runs_directly(x):
+    """Whether a call may launch its kernels without its operator: a plain tensor on a real
+    device, eagerly. Under torch.compile or torch.export, in a dispatch mode (FakeTensorMode,
+    a tracer) or with tensor subclasses or meta tensors, the operator runs instead, and
+    torch sees one op with a fake. (Going through the dispatcher costs host time.)"""
+    return (
+        not torch.compiler.is_compiling()  # first: what follows is not for Dynamo to trace
+        and type(x) is torch.Tensor
+        and x.device.type != "meta"
+        and not torch._C._len_torch_dispatch_stack()
+    )
 
 
 def _dense(*tensors):
@@ -1302,14 +1324,14 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
     return dq, dk, dv, ddecay, dinitial_state
 
 
-def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                            store_output, needs_grad):
-    """gla_forward on dense [tokens, heads, dim] inputs; cu_seqlens None means num_seqs
-    sequences of longest tokens. Returns (o, final state, states entering the segments the
-    backward pass uses, per-channel path flag); those absent are empty tensors."""
-    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
+def _gla_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+                        store_output, needs_grad):
+    """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
+    num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
+    the segments the backward pass uses or None, per-channel path flag or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
+    exact_path = None
     # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
     config = _gla_config(q.shape[2], v.shape[2])
     exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
@@ -1317,14 +1339,26 @@ def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, lo
         q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
         needs_grad, exact_path,
     )
-    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
     if o is None:  # state only: o stays unused, and its gradient is zero
         o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    return o, final_state, entering, exact_path
+
+
+def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+                            store_output, needs_grad):
+    """The operator gla_forward: _gla_run_forward, with empty tensors for the outputs
+    it has not (an operator returns tensors)."""
+    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
+    o, final_state, entering, exact_path = _gla_run_forward(
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+        needs_grad,
+    )
+    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
     return (
         o,
         final_state if final_state is not None else empty_state(),
         entering if entering is not None else empty_state(),
-        exact_path,
+        exact_path if exact_path is not None else q.new_empty(0, dtype=torch.int32),
     )
 
 
@@ -1343,18 +1377,27 @@ def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longe
     )
 
 
+def _gla_run_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+                         dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
+    if cu_seqlens is None:
+        cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
+    return _gla_backward(
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering, store_output, do,
+        dfinal_state, needs_decay_grad=needs_decay_grad, exact_path=exact_path,
+    )
+
+
 def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
                              dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
-    """gla_backward: (dq, dk, dv, d(decay input), d(initial state)); those not needed are empty."""
+    """The operator gla_backward: _gla_run_backward on tensors (empty ones stand for
+    none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
-    if cu_seqlens is None:
-        cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
-    dq, dk, dv, ddecay, dinitial_state = _gla_backward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state,
-        entering if entering.shape[0] > 0 else None, store_output, do, dfinal_state,
-        needs_decay_grad=needs_decay_grad, exact_path=exact_path,
+    dq, dk, dv, ddecay, dinitial_state = _gla_run_backward(
+        q, k, v, decay, initial_state, cu_seqlens, final_state, entering if entering.shape[0] > 0 else None,
+        exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
     )
     return (
         dq, dk, dv,
@@ -1439,7 +1482,10 @@ class _gla_Function(torch.autograd.Function):
         q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v))
         decay = decay.reshape(B * T, *decay.shape[2:])
         decay = decay.to(_kernel_dtype(decay.dtype, decay.device)).contiguous()
-        o, final_state, entering, exact_path = _gla_forward_op(
+        # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
+        # tensors) goes through the operator, which torch sees as one op with a fake.
+        ctx.direct = _runs_directly(q)
+        o, final_state, entering, exact_path = (_gla_run_forward if ctx.direct else _gla_forward_op)(
             q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
             needs_grad,
         )
@@ -1470,7 +1516,7 @@ class _gla_Function(torch.autograd.Function):
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ddecay, dinitial_state = _gla_backward_op(
+        dq, dk, dv, ddecay, dinitial_state = (_gla_run_backward if ctx.direct else _gla_backward_op)(
             q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
             longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
@@ -1535,7 +1581,7 @@ def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
 
 
 def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
-    """gla_step on dense inputs: (o_t, new state)."""
+    """The operator gla_step (also called directly, eagerly): (o_t, new state)."""
     q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
@@ -1579,7 +1625,8 @@ def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
     dtype = _kernel_dtype(q_t.dtype, q_t.device)
     q_t, k_t, v_t = (x.to(dtype).contiguous() for x in (q_t, k_t, v_t))
     decay = gate_input.to(_kernel_dtype(gate_input.dtype, gate_input.device)).contiguous()
-    o_t, new_state = _gla_step_op(q_t, k_t, v_t, state.contiguous(), decay, scale)
+    step = _gla_step_kernels if _runs_directly(q_t) else _gla_step_op
+    o_t, new_state = step(q_t, k_t, v_t, state.contiguous(), decay, scale)
     o_t = o_t.to(out_dtype)
     return o_t, new_state
 
