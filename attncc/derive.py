@@ -14,6 +14,7 @@ from attncc import expr as ex
 from attncc.describe import decay_input  # the decay argument's name: one home
 from attncc.ir import (
     AttentionSpec,
+    Decay,
     ElementwiseMap,
     FeatureMap,
     IdentityMap,
@@ -28,21 +29,93 @@ NORMALIZER_EPS = 1e-6  # o = num / (den + eps) with normalize = true
 # number, so the state is wiped (a reset, as g = -inf means), while cumulative sums of log
 # decays stay finite and precise (-inf - -inf would be NaN; -1e30 would swamp a sum).
 LOG_DECAY_FLOOR = -100.0
-# Launch defaults when the spec says `chunk = auto` and nothing is tuned: picked from
-# sweeps on an H100 at (B, T) = (2, 4096) and (1, 16384), H = 16, D = E = 128 (benchmarks/NOTES.md).
-DEFAULT_CHUNK = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 64}
-DEFAULT_BWD_CHUNK = {"none": 32, "per_head": 64, "per_token": 64, "per_channel": 64}
-DEFAULT_BLOCK_E = {"none": 64, "per_head": 64, "per_token": 64, "per_channel": 128}
-# Whether the forward may halve its value block to get enough programs without cutting
-# sequences into segments. Per-token decays would recompute their in-chunk decay factors
-# in every value block: segments serve them better.
-DEFAULT_NARROW_BLOCK_E = {"none": True, "per_head": True, "per_token": False, "per_channel": False}
-DEFAULT_WARPS = {"none": 4, "per_head": 4, "per_token": 4, "per_channel": 8}
-# The backward kernels hold a whole D x E fp32 state: with 4 warps they spill (ptx_report.py).
-DEFAULT_BWD_WARPS = {"none": 8, "per_head": 8, "per_token": 8, "per_channel": 8}
-# Software-pipeline depth of the chunk loops (Triton's num_stages), forward and backward.
-DEFAULT_STAGES = {"none": 3, "per_head": 3, "per_token": 3, "per_channel": 2}
-DEFAULT_BWD_STAGES = {"none": 3, "per_head": 3, "per_token": 3, "per_channel": 2}
+
+
+@dataclass(frozen=True)
+class LaunchDefaults:
+    """Launch parameters of one decay when the spec says `chunk = auto` and nothing is
+    tuned (`attncc tune` overrides them per head dims)."""
+
+    chunk: int  # tokens per chunk of the forward kernels
+    bwd_chunk: int  # of the backward kernels (they need not match the forward's)
+    block_e: int  # widest value block one forward program takes
+    # Whether the forward may halve its value block to get enough programs without cutting
+    # sequences into segments. Per-token decays would recompute their in-chunk decay factors
+    # in every value block: segments serve them better.
+    narrow_block_e: bool
+    num_warps: int
+    bwd_num_warps: int  # the backward kernels hold a whole D x E fp32 state: 4 warps spill
+    num_stages: int  # software-pipeline depth of the chunk loops (Triton's num_stages)
+    bwd_num_stages: int
+
+
+# Picked from sweeps on an H100 at (B, T) = (2, 4096) and (1, 16384), H = 16, D = E = 128
+# (benchmarks/NOTES.md).
+LAUNCH_DEFAULTS = {
+    Decay.NONE: LaunchDefaults(chunk=64, bwd_chunk=32, block_e=64, narrow_block_e=True, num_warps=4,
+                               bwd_num_warps=8, num_stages=3, bwd_num_stages=3),
+    Decay.PER_HEAD: LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=True, num_warps=4,
+                                   bwd_num_warps=8, num_stages=3, bwd_num_stages=3),
+    Decay.PER_TOKEN: LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=False, num_warps=4,
+                                    bwd_num_warps=8, num_stages=3, bwd_num_stages=3),
+    Decay.PER_CHANNEL: LaunchDefaults(chunk=64, bwd_chunk=64, block_e=128, narrow_block_e=False, num_warps=8,
+                                      bwd_num_warps=8, num_stages=2, bwd_num_stages=2),
+}
+
+
+@dataclass(frozen=True)
+class DecayArgument:
+    """The call-time argument that carries the decay: what the generated checks,
+    docstrings and error messages say about it."""
+
+    name: str  # slope, g or gate_input
+    per_token: bool  # one value per token ([B, T, ...]) rather than per head ([H])
+    trailing: tuple[str, ...]  # its dims after (B, T) in a call, after (B,) in a step
+    dtypes: tuple[str, ...]  # torch dtypes it may have
+    meaning: str  # what its values are
+
+    @property
+    def call_layout(self) -> str:
+        """e.g. "[B, T, H_kv, D]"."""
+        return "[" + ", ".join((("B", "T") if self.per_token else ()) + self.trailing) + "]"
+
+    @property
+    def step_layout(self) -> str:
+        return "[" + ", ".join((("B",) if self.per_token else ()) + self.trailing) + "]"
+
+    @property
+    def described(self) -> str:
+        """e.g. "g [B, T, H_kv], the log decay of every token"."""
+        return f"{self.name} {self.call_layout}, {self.meaning}"
+
+    # The same facts as Python source, for the generated checks.
+    @property
+    def trailing_names_source(self) -> str:  # "H_kv", "D"
+        return ", ".join(f'"{dim}"' for dim in self.trailing)
+
+    @property
+    def trailing_sizes_source(self) -> str:  # H_kv, D (the generated checks' variables)
+        return ", ".join(self.trailing)
+
+    @property
+    def dtypes_source(self) -> str:  # (torch.float16, torch.bfloat16, torch.float32)
+        return "(" + ", ".join(f"torch.{name}" for name in self.dtypes) + ")"
+
+
+def _decay_argument(spec: AttentionSpec) -> DecayArgument | None:
+    name = decay_input(spec)
+    if spec.decay is Decay.PER_HEAD:
+        return DecayArgument(name, False, ("H",), ("float16", "bfloat16", "float32", "float64"),
+                             "the per-head decay rates")
+    if not spec.decay.data_dependent:
+        return None
+    per_channel = spec.decay is Decay.PER_CHANNEL
+    if spec.gate is not None:
+        meaning = "the raw gate input"
+    else:
+        meaning = "the log decay of every token" + (" and key channel" if per_channel else "")
+    return DecayArgument(name, True, ("H_kv", "D") if per_channel else ("H_kv",),
+                         ("float16", "bfloat16", "float32"), meaning)
 
 
 @dataclass(frozen=True)
@@ -67,8 +140,10 @@ class GatePlan:
 
 @dataclass(frozen=True)
 class KernelPlan:
+    """Every fact the templates print about one block, computed once."""
+
     name: str
-    decay: str  # Decay value: "none", "per_head", "per_token", "per_channel"
+    decay: Decay
     causal: bool
     chunk: int
     scale: float | None  # None: 1/sqrt(D) at call time
@@ -85,18 +160,36 @@ class KernelPlan:
     num_stages: int
     bwd_num_stages: int
     decay_input: str | None  # the call-time argument carrying the decay: slope, g, gate_input
+    decay_arg: DecayArgument | None  # all about that argument
 
-    @property
-    def scalar_decay(self) -> bool:
-        return self.decay in ("per_head", "per_token")
-
-    @property
-    def data_dependent(self) -> bool:
-        return self.decay in ("per_token", "per_channel")
-
+    # Facets of the decay, the switches the templates branch on.
     @property
     def has_decay(self) -> bool:
-        return self.decay != "none"
+        return self.decay is not Decay.NONE
+
+    @property
+    def per_head(self) -> bool:  # one rate per head, exp(-slope_h) at every token
+        return self.decay is Decay.PER_HEAD
+
+    @property
+    def per_token(self) -> bool:  # one log decay per token and head
+        return self.decay is Decay.PER_TOKEN
+
+    @property
+    def per_channel(self) -> bool:  # one log decay per token, head and key channel
+        return self.decay is Decay.PER_CHANNEL
+
+    @property
+    def scalar_decay(self) -> bool:  # one decay factor for the whole state at a token
+        return self.per_head or self.per_token
+
+    @property
+    def data_dependent(self) -> bool:  # the decay is an input of every token
+        return self.per_token or self.per_channel
+
+    @property
+    def decay_text(self) -> str:  # "per-head", as messages spell it
+        return self.decay.value.replace("_", "-")
 
 
 def _plan_map(feature_map: FeatureMap, helpers: set[str]) -> MapPlan:
@@ -130,18 +223,19 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         grad, used_grad = ex.to_triton(ex.derivative(spec.gate))
         helpers |= used | used_grad
         gate = GatePlan(body, grad, ex.to_torch(spec.gate), ex.to_text(spec.gate))
+    defaults = LAUNCH_DEFAULTS[spec.decay]
     return KernelPlan(
         name=spec.name,
-        decay=spec.decay.value,
+        decay=spec.decay,
         causal=spec.causal,
-        chunk=spec.chunk or DEFAULT_CHUNK[spec.decay.value],
-        bwd_chunk=DEFAULT_BWD_CHUNK[spec.decay.value],
-        block_e=DEFAULT_BLOCK_E[spec.decay.value],
-        narrow_block_e=DEFAULT_NARROW_BLOCK_E[spec.decay.value],
-        num_warps=DEFAULT_WARPS[spec.decay.value],
-        bwd_num_warps=DEFAULT_BWD_WARPS[spec.decay.value],
-        num_stages=DEFAULT_STAGES[spec.decay.value],
-        bwd_num_stages=DEFAULT_BWD_STAGES[spec.decay.value],
+        chunk=spec.chunk or defaults.chunk,
+        bwd_chunk=defaults.bwd_chunk,
+        block_e=defaults.block_e,
+        narrow_block_e=defaults.narrow_block_e,
+        num_warps=defaults.num_warps,
+        bwd_num_warps=defaults.bwd_num_warps,
+        num_stages=defaults.num_stages,
+        bwd_num_stages=defaults.bwd_num_stages,
         scale=None if spec.scale is None else float(sympy.N(spec.scale, 17)),
         normalize=spec.normalize,
         q_map=q_map,
@@ -149,4 +243,5 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         gate=gate,
         helpers=tuple(sorted(helpers)),
         decay_input=decay_input(spec),
+        decay_arg=_decay_argument(spec),
     )

@@ -69,7 +69,7 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     backward sweeps of a causal spec's module, as its wrapper launches them."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    if plan.decay == "per_channel":
+    if plan.per_channel:
         common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16", FAST_PATH=False)
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
@@ -84,7 +84,7 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
         ("bwd dk dv (state only)", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True,
                                                           STORE_DB=False, STATE_ONLY=True)),
     ]
-    if plan.decay == "per_channel":  # each output kernel on both paths
+    if plan.per_channel:  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
                     for label, name, constexprs in kernels if "state only" not in label]
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
