@@ -20,6 +20,7 @@ from attncc.ir import (
     IdentityMap,
     RowMap,
     RowMapKind,
+    UpdateRule,
     X,
 )
 
@@ -143,6 +144,7 @@ class KernelPlan:
     """Every fact the templates print about one block, computed once."""
 
     name: str
+    update: UpdateRule  # which template family renders the kernels
     decay: Decay
     causal: bool
     chunk: int
@@ -226,6 +228,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
     defaults = LAUNCH_DEFAULTS[spec.decay]
     return KernelPlan(
         name=spec.name,
+        update=spec.update,
         decay=spec.decay,
         causal=spec.causal,
         chunk=spec.chunk or defaults.chunk,

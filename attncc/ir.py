@@ -70,6 +70,13 @@ class RowMap:
 FeatureMap = IdentityMap | ElementwiseMap | RowMap
 
 
+class UpdateRule(enum.Enum):
+    """How a token's key and value enter the state: the recurrence's family. Each rule has
+    its own template family (templates/<value>/); the delta rule comes next."""
+
+    ADDITIVE = "additive"  # S_t = A_t ⊙ S_{t-1} + φk(k_t)ᵀ v_t
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """One `attention NAME { ... }` block, checked.
@@ -87,6 +94,7 @@ class AttentionSpec:
     chunk: int | None = None
     scale: sympy.Rational | sympy.Float | None = None
     normalize: bool = False
+    update: UpdateRule = UpdateRule.ADDITIVE
     span: Span | None = field(default=None, compare=False, hash=False, repr=False)
 
 
