@@ -1,0 +1,396 @@
+"""The delta rule (DeltaNet, Gated DeltaNet, KDA) in plain PyTorch: the math the kernels follow.
+
+Issue 16. Feature maps are already applied to q and k. Per token t, per head:
+
+    S'_t = A_t ⊙ S_{t-1}                                   (S is D×E, A_t scales its rows)
+    S_t  = S'_t + β_t k_t (v_t − S'_tᵀ k_t)ᵀ  =  (I − β_t k_t k_tᵀ) S'_t + β_t k_t v_tᵀ
+    o_t  = scale · q_tᵀ S_t
+
+with the decay A_t one of
+
+    "none"         A_t = 1                       decay = None
+    "per_head"     A_t = exp(−slope_h)           decay = slope [H]
+    "per_token"    A_t = exp(g_t)                decay = g [B, T, H]      (log decay, ≤ 0)
+    "per_channel"  A_t = diag(exp(g_t))          decay = g [B, T, H, D]   (log decay, ≤ 0)
+
+Two functions compute the same thing:
+
+- `delta_recurrent`: token by token, the definition.
+- `delta_chunked`: the chunkwise WY / UT form (Yang et al. 2024, "Parallelizing Linear
+  Transformers with the Delta Rule over Sequence Length"), written as the three phases the
+  kernels will have: (1) per chunk, in parallel, the UT transform and W, U; (2) one pass over
+  the chunks in order, carrying the state; (3) per chunk, in parallel, the outputs.
+
+docs/delta_rule.md derives the chunked equations and says why they stay bounded.
+Both take any float dtype; they compute in at least float32 (the state is kept in the
+compute dtype, as the kernels keep an fp32 state) and return o in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["DECAY_KINDS", "delta_chunked", "delta_recurrent"]
+
+DECAY_KINDS = ("none", "per_head", "per_token", "per_channel")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and the common driver (sequences, dtypes, layout)
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape(x: torch.Tensor) -> list[int]:
+    return list(x.shape)
+
+
+def _check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_kind: str,
+    decay: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> list[tuple[int, int, int]]:
+    """Validate the arguments; return the sequences as (batch row, start, end)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, D], got {_shape(q)}")
+    B, T, H, D = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {_shape(q)}, got {_shape(k)} (no grouped heads here)")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, E] = [{B}, {T}, {H}, E], got {_shape(v)}")
+    if beta.shape != q.shape[:3]:
+        raise ValueError(f"beta must be [B, T, H] = {[B, T, H]}, got {_shape(beta)}")
+    if decay_kind not in DECAY_KINDS:
+        raise ValueError(f"decay_kind must be one of {', '.join(DECAY_KINDS)}; got {decay_kind!r}")
+    expected = {"per_head": [H], "per_token": [B, T, H], "per_channel": [B, T, H, D]}
+    if decay_kind == "none":
+        if decay is not None:
+            raise ValueError("decay must be None with decay_kind='none'")
+    else:
+        if not isinstance(decay, torch.Tensor) or not decay.is_floating_point():
+            raise ValueError(f"decay_kind={decay_kind!r} needs a floating-point decay tensor")
+        if _shape(decay) != expected[decay_kind]:
+            raise ValueError(
+                f"decay for {decay_kind!r} must have shape {expected[decay_kind]}, "
+                f"got {_shape(decay)}"
+            )
+    if cu_seqlens is None:
+        sequences = [(b, 0, T) for b in range(B)]
+    else:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
+            torch.int32,
+            torch.int64,
+        ):
+            raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must have shape [N + 1], N >= 1; got {_shape(cu_seqlens)}")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D]; got B = {B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {bounds}")
+        if any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        sequences = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    if initial_state is not None:
+        E = v.shape[-1]
+        if _shape(initial_state) != [len(sequences), H, D, E]:
+            raise ValueError(
+                f"initial_state must be [N, H, D, E] = {[len(sequences), H, D, E]} "
+                f"(N = {'sequences in cu_seqlens' if cu_seqlens is not None else 'B'}), "
+                f"got {_shape(initial_state)}"
+            )
+    return sequences
+
+
+def _log_decay(
+    decay_kind: str, decay: torch.Tensor | None, B: int, T: int, H: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The per-token log decay g: None, [B, T, H] (scalar kinds) or [B, T, H, D] (per channel)."""
+    if decay_kind == "none":
+        return None
+    assert decay is not None
+    if decay_kind == "per_head":
+        return (-decay.to(dtype)).view(1, 1, H).expand(B, T, H)
+    return decay.to(dtype)
+
+
+def _run(
+    sequence_fn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_kind: str,
+    decay: torch.Tensor | None,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared driver: checks, dtype, and one call of `sequence_fn` per batch (dense) or per
+    sequence (cu_seqlens). sequence_fn(q, k, v, beta, g, state, scale) works on [B', L, H, ...]."""
+    sequences = _check(q, k, v, beta, decay_kind, decay, initial_state, cu_seqlens)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    dtype = torch.float32
+    for x in (q, k, v, beta, decay, initial_state):
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    g = _log_decay(decay_kind, decay, B, T, H, dtype)
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    N = len(sequences)
+    if initial_state is None:
+        initial_state = q.new_zeros(N, H, D, E)
+    initial_state = initial_state.to(dtype)
+    if cu_seqlens is None:
+        # All batch rows have the same length: one call for the whole batch.
+        o, state = sequence_fn(q, k, v, beta, g, initial_state, scale)
+        return o, state
+    outputs, states = [], []
+    for i, (_, s, e) in enumerate(sequences):
+        piece = slice(s, e)
+        o_i, s_i = sequence_fn(
+            q[:, piece],
+            k[:, piece],
+            v[:, piece],
+            beta[:, piece],
+            None if g is None else g[:, piece],
+            initial_state[i : i + 1],
+            scale,
+        )
+        outputs.append(o_i)
+        states.append(s_i)
+    return torch.cat(outputs, dim=1), torch.cat(states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token by token
+# ----------------------------------------------------------------------------------------------
+
+
+def _recurrent_sequence(q, k, v, beta, g, state, scale):
+    """q, k [B, L, H, D], v [B, L, H, E], beta [B, L, H], g None / [B, L, H] / [B, L, H, D],
+    state [B, H, D, E] -> (o [B, L, H, E], state)."""
+    outputs = []
+    for t in range(q.shape[1]):
+        if g is not None:
+            a = g[:, t].exp()  # the decay of token t: [B, H] or [B, H, D]
+            # Per channel, a scales the rows (key dim) of S; a scalar scales all of S.
+            state = state * (a[..., None] if a.dim() == 3 else a[..., None, None])
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t]
+        prediction = torch.einsum("bhd,bhde->bhe", k_t, state)  # S'_tᵀ k_t
+        correction = b_t[..., None] * (v_t - prediction)  # β_t (v_t − S'_tᵀ k_t)
+        state = state + k_t[..., :, None] * correction[..., None, :]
+        outputs.append(scale * torch.einsum("bhd,bhde->bhe", q[:, t], state))
+    if not outputs:
+        return v.new_zeros(v.shape), state
+    return torch.stack(outputs, dim=1), state
+
+
+def delta_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_kind: str,
+    decay: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule token by token (the definition; O(T) sequential steps).
+
+    q, k [B, T, H, D]; v [B, T, H, E]; beta [B, T, H]; decay per `decay_kind` (module doc);
+    scale defaults to 1/sqrt(D); initial_state [N, H, D, E] (N = B, or the number of sequences
+    with cu_seqlens, FlashAttention convention with B = 1). Returns (o [B, T, H, E] in q's dtype,
+    final_state [N, H, D, E] in the compute dtype, at least float32).
+    """
+    o, state = _run(
+        _recurrent_sequence, q, k, v, beta, decay_kind, decay, scale, initial_state, cu_seqlens
+    )
+    return o.to(q.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked: the WY / UT form
+# ----------------------------------------------------------------------------------------------
+#
+# Inside a chunk of L tokens (positions i = 0..L-1), γ_i = Σ_{j<=i} g_j is the cumulative log
+# decay from the chunk start, [.., L, Dg] with Dg = 1 for scalar decays and D per channel
+# (zeros for "none": a kernel drops those factors at compile time; here exp(0) = 1 is exact).
+# Every exponent below is a difference γ_i − γ_j with j <= i, or γ_i itself, so it is <= 0
+# whenever the log decays are <= 0: the factors lie in [0, 1] and can only underflow, to terms
+# that are negligible anyway.
+
+
+def _decayed_scores(
+    a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, *, strict: bool, sub: int
+) -> torch.Tensor:
+    """M[i, j] = Σ_d a[i, d] b[j, d] exp(γ[i, d] − γ[j, d]) for j < i (strict) or j <= i,
+    0 above; a, b [.., L, D], gamma [.., L, Dg] -> [.., L, L].
+
+    Scalar decay (Dg = 1): the factor does not depend on d, so it leaves the sum: one matrix
+    product a bᵀ, times exp of the masked differences (masked to −inf *before* the exp, so the
+    positive differences above the diagonal are never exponentiated).
+
+    Per channel the factor stays inside the sum. The tempting a·exp(γ_i) @ (b·exp(−γ_j))ᵀ
+    takes exp(−γ_j) > 1, which overflows (g = −30 for 24 tokens is past float64's range).
+    Instead, rows are cut into sub-chunks of `sub` tokens; for row sub-chunk [r0, r1) the
+    columns j < r0 go through the reference point r = r0 − 1 (the last token before it):
+        exp(γ_i − γ_j) = exp(γ_i − γ_r) · exp(γ_r − γ_j),   both exponents <= 0 (j <= r < i),
+    which is one matrix product; the diagonal sub-block (j, i both in [r0, r1)) is done
+    elementwise over [l, l, D] with the masked exponent, as in the kernel's small-block loop.
+    """
+    L = a.shape[-2]
+    keep = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1 if strict else 0)
+    neg_inf = torch.tensor(float("-inf"), dtype=gamma.dtype, device=gamma.device)
+    if gamma.shape[-1] == 1:
+        diff = gamma[..., :, None, 0] - gamma[..., None, :, 0]  # [.., L(i), L(j)]
+        return (a @ b.transpose(-1, -2)) * torch.where(keep, diff, neg_inf).exp()
+    rows = []
+    for r0 in range(0, L, sub):
+        r1 = min(r0 + sub, L)
+        a_blk, g_blk = a[..., r0:r1, :], gamma[..., r0:r1, :]
+        parts = []
+        if r0 > 0:
+            ref = gamma[..., r0 - 1 : r0, :]  # γ_r, [.., 1, D]
+            left = a_blk * (g_blk - ref).exp()  # exp(γ_i − γ_r), i >= r0 > r
+            right = b[..., :r0, :] * (ref - gamma[..., :r0, :]).exp()  # exp(γ_r − γ_j), j <= r
+            parts.append(left @ right.transpose(-1, -2))
+        diff = g_blk[..., :, None, :] - g_blk[..., None, :, :]  # [.., l(i), l(j), D]
+        diff = torch.where(keep[r0:r1, r0:r1, None], diff, neg_inf)
+        parts.append(torch.einsum("...id,...jd,...ijd->...ij", a_blk, b[..., r0:r1, :], diff.exp()))
+        if r1 < L:
+            parts.append(a.new_zeros(*a.shape[:-2], r1 - r0, L - r1))  # causal: nothing after
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """T = (I + A)^{-1} for a strictly lower-triangular A [.., L, L], by forward substitution:
+    row i solves T_i + Σ_{j<i} A_ij T_j = e_i. Triangular substitution is backward stable, and
+    with β‖k‖² <= 2 and decays <= 1 every |T_ij| <= β_i ‖k_i‖ ‖k_j‖ (docs/delta_rule.md), so
+    nothing grows with L. (A kernel does the same arithmetic blockwise: 16×16 diagonal blocks by
+    substitution, the blocks below them by matrix products.) Built from stacked rows rather than
+    in place, so autograd can go through it."""
+    L = A.shape[-1]
+    eye = torch.eye(L, dtype=A.dtype, device=A.device).expand(A.shape)
+    T = eye[..., :1, :]
+    for i in range(1, L):
+        row = eye[..., i : i + 1, :] - A[..., i : i + 1, :i] @ T  # T holds rows 0..i-1
+        T = torch.cat([T, row], dim=-2)
+    return T
+
+
+def _chunk_wy(k, v, beta, gamma, sub):
+    """Phase 1, independent per chunk (no state): the UT transform and the WY factors.
+
+    The corrections u_i = β_i (v_i − S'_iᵀ k_i) of the chunk satisfy (docs/delta_rule.md)
+        (I + A) U = diag(β) V − diag(β) (K ⊙ exp(γ)) S0,
+        A_ij = β_i Σ_d k_id k_jd exp(γ_id − γ_jd)  for j < i, 0 otherwise,
+    so with T = (I + A)^{-1}:  U = U_pre − W S0, where
+        W = T diag(β) (K ⊙ exp(γ))   [L, D]     U_pre = T diag(β) V   [L, E].
+    Neither depends on the state, so all chunks do this at once.
+    """
+    A = beta[..., :, None] * _decayed_scores(k, k, gamma, strict=True, sub=sub)
+    T = _unit_lower_inverse(A)
+    W = T @ (beta[..., None] * k * gamma.exp())
+    U_pre = T @ (beta[..., None] * v)
+    return W, U_pre
+
+
+def _chunk_state(state, k, gamma, W, U_pre):
+    """Phase 2, sequential over chunks: the chunk's corrections U and the state after it.
+        U = U_pre − W S0
+        S_L = exp(γ_last) ⊙ S0 + (K ⊙ exp(γ_last − γ))ᵀ U      (row-wise decays, exponents <= 0)
+    Only this phase carries S from chunk to chunk; it is two small products per chunk."""
+    U = U_pre - W @ state
+    last = gamma[..., -1:, :]  # [.., 1, Dg]
+    decayed_state = state * last.transpose(-1, -2).exp()  # scales rows (key dim) of S0
+    return U, decayed_state + (k * (last - gamma).exp()).transpose(-1, -2) @ U
+
+
+def _chunk_output(q, k, gamma, state, U, scale, sub):
+    """Phase 3, independent per chunk given its incoming state S0 and its U:
+        O = scale · ( (Q ⊙ exp(γ)) S0  +  P U ),
+        P_ij = Σ_d q_id k_jd exp(γ_id − γ_jd)  for j <= i, 0 otherwise
+    (inter-chunk through the state, intra-chunk through the masked q kᵀ)."""
+    P = _decayed_scores(q, k, gamma, strict=False, sub=sub)
+    return scale * ((q * gamma.exp()) @ state + P @ U)
+
+
+def _make_chunked_sequence(chunk: int, sub: int):
+    def sequence(q, k, v, beta, g, state, scale):
+        """Same contract as _recurrent_sequence, by chunks of `chunk` tokens (the last may be
+        shorter: every function above works for any L, and a kernel padding it with tokens of
+        β = 0, k = 0, g = 0 would get the same numbers, since such a token leaves S unchanged)."""
+        B, T, H, D = q.shape
+        # [B, H, T, ..]: a head's tokens are rows, as in the kernels' tiles.
+        q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))
+        if g is None:
+            g = q.new_zeros(B, H, T, 1)
+        elif g.dim() == 3:
+            g = g.transpose(1, 2)[..., None]  # scalar decay: Dg = 1, broadcast over the key dim
+        else:
+            g = g.transpose(1, 2)
+        pieces = [slice(s, min(s + chunk, T)) for s in range(0, T, chunk)]
+        # The cumulative log decay restarts at every chunk: only differences within a chunk
+        # are ever exponentiated, and each chunk's own γ is <= 0.
+        gammas = [g[..., p, :].cumsum(dim=-2) for p in pieces]
+        wy = [
+            _chunk_wy(k[..., p, :], v[..., p, :], beta[..., p], gm, sub)
+            for p, gm in zip(pieces, gammas, strict=True)
+        ]
+        incoming, corrections = [], []
+        for p, gm, (W, U_pre) in zip(pieces, gammas, wy, strict=True):
+            incoming.append(state)
+            U, state = _chunk_state(state, k[..., p, :], gm, W, U_pre)
+            corrections.append(U)
+        outputs = [
+            _chunk_output(q[..., p, :], k[..., p, :], gm, s0, U, scale, sub)
+            for p, gm, s0, U in zip(pieces, gammas, incoming, corrections, strict=True)
+        ]
+        o = torch.cat(outputs, dim=-2) if outputs else v.new_zeros(v.shape)
+        return o.transpose(1, 2), state
+
+    return sequence
+
+
+def delta_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_kind: str,
+    decay: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk: int = 64,
+    sub_chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule by chunks of `chunk` tokens (WY / UT form): the same function as
+    `delta_recurrent` (same arguments and results), with O(T / chunk) sequential steps of
+    matrix products. `sub_chunk` is the block size of the per-channel intra-chunk products
+    (see `_decayed_scores`)."""
+    for name, n in (("chunk", chunk), ("sub_chunk", sub_chunk)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    o, state = _run(
+        _make_chunked_sequence(chunk, sub_chunk),
+        q, k, v, beta, decay_kind, decay, scale, initial_state, cu_seqlens,
+    )
+    return o.to(q.dtype), state
