@@ -227,51 +227,79 @@ def delta_recurrent(
 # Chunked: the WY / UT form
 # ----------------------------------------------------------------------------------------------
 #
-# Inside a chunk of L tokens (positions i = 0..L-1), γ_i = Σ_{j<=i} g_j is the cumulative log
-# decay from the chunk start, [.., L, Dg] with Dg = 1 for scalar decays and D per channel
-# (zeros for "none": a kernel drops those factors at compile time; here exp(0) = 1 is exact).
-# Every exponent below is a difference γ_i − γ_j with j <= i, or γ_i itself, so it is <= 0
-# whenever the log decays are <= 0: the factors lie in [0, 1] and can only underflow, to terms
-# that are negligible anyway.
+# Inside a chunk of L tokens (positions i = 0..L-1), g [.., L, Dg] holds the chunk's log
+# decays, Dg = 1 for scalar decays and D per channel (zeros for "none": a kernel drops those
+# factors at compile time; here exp(0) = 1 is exact). Every decay factor is exp(x) with x the
+# sum of the log decays of the tokens it spans:
+#     prefix   γ_i             = Σ_{m <= i} g_m        from the chunk start through token i
+#     suffix   γ_last − γ_j    = Σ_{m > j} g_m         after token j through the chunk's end
+#     segment  γ_i − γ_j       = Σ_{j < m <= i} g_m    between tokens j < i
+# With log decays <= 0 every x is <= 0, so no factor exceeds 1 (nothing overflows; what
+# underflows is negligible). And x is summed from its own terms, never taken as a difference
+# of two prefix sums: that difference carries the rounding error of |γ_i| ~ L·|g|, which in
+# float32 with g = −30 is ~1e-4 relative on factors close to 1. Summed from its own terms,
+# exp(x) is off by ~n·eps·|x|·exp(x) <= n·eps/e absolutely, whatever the rest of the chunk holds.
+
+
+def _prefix(g: torch.Tensor) -> torch.Tensor:
+    """γ_i = Σ_{m <= i} g_m along the token axis (-2)."""
+    return g.cumsum(dim=-2)
+
+
+def _suffix_after(g: torch.Tensor) -> torch.Tensor:
+    """Σ_{m > j} g_m along the token axis (-2): 0 for the last token. Summed from the end
+    (shifted by one), not as total − prefix, for the reason above."""
+    from_end = g.flip(-2).cumsum(dim=-2).flip(-2)  # Σ_{m >= j}
+    return torch.cat([from_end[..., 1:, :], torch.zeros_like(g[..., :1, :])], dim=-2)
+
+
+def _segment_sums(g: torch.Tensor) -> torch.Tensor:
+    """[.., L, Dg] -> [.., L(i), L(j), Dg]: Σ_{j < m <= i} g_m for j <= i (0 on the diagonal);
+    above the diagonal the values are meaningless and the callers mask them. Built as a
+    cumulative sum over i of g_i kept only where i > j, so each entry adds only its own terms."""
+    L = g.shape[-2]
+    after_j = torch.ones(L, L, dtype=torch.bool, device=g.device).tril(-1)[..., None]  # m > j
+    spread = torch.where(after_j, g[..., :, None, :], torch.zeros((), dtype=g.dtype))
+    return spread.cumsum(dim=-3)
 
 
 def _decayed_scores(
-    a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, *, strict: bool, sub: int
+    a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, *, strict: bool, sub: int
 ) -> torch.Tensor:
-    """M[i, j] = Σ_d a[i, d] b[j, d] exp(γ[i, d] − γ[j, d]) for j < i (strict) or j <= i,
-    0 above; a, b [.., L, D], gamma [.., L, Dg] -> [.., L, L].
+    """M[i, j] = Σ_d a[i, d] b[j, d] exp(Σ_{j < m <= i} g[m, d]) for j < i (strict) or j <= i,
+    0 above; a, b [.., L, D], g [.., L, Dg] -> [.., L, L].
 
     Scalar decay (Dg = 1): the factor does not depend on d, so it leaves the sum: one matrix
-    product a bᵀ, times exp of the masked differences (masked to −inf *before* the exp, so the
-    positive differences above the diagonal are never exponentiated).
+    product a bᵀ, times exp of the segment sums masked to −inf *before* the exp (above the
+    diagonal nothing is exponentiated).
 
     Per channel the factor stays inside the sum. The tempting a·exp(γ_i) @ (b·exp(−γ_j))ᵀ
-    takes exp(−γ_j) > 1, which overflows (g = −30 for 24 tokens is past float64's range).
-    Instead, rows are cut into sub-chunks of `sub` tokens; for row sub-chunk [r0, r1) the
-    columns j < r0 go through the reference point r = r0 − 1 (the last token before it):
-        exp(γ_i − γ_j) = exp(γ_i − γ_r) · exp(γ_r − γ_j),   both exponents <= 0 (j <= r < i),
-    which is one matrix product; the diagonal sub-block (j, i both in [r0, r1)) is done
-    elementwise over [l, l, D] with the masked exponent, as in the kernel's small-block loop.
+    takes exp(−γ_j) > 1, which overflows (g = −30 for 24 tokens is past float64's range), and
+    the full [L, L, D] tensor of factors is too big for a kernel's registers. Instead rows are
+    cut into sub-chunks of `sub` tokens; for row sub-chunk [r0, r1) the columns j < r0 go
+    through the reference point r = r0 − 1 (the last token before it):
+        exp(Σ_{j<m<=i} g_m) = exp(Σ_{r<m<=i} g_m) · exp(Σ_{j<m<=r} g_m),  both sums <= 0,
+    the first a prefix inside the sub-chunk, the second a suffix of the tokens before it: one
+    matrix product. The diagonal sub-block (j, i both in [r0, r1)) is done elementwise over
+    [l, l, D] with masked segment sums, as the kernel's small-block loop will.
     """
     L = a.shape[-2]
     keep = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1 if strict else 0)
-    neg_inf = torch.tensor(float("-inf"), dtype=gamma.dtype, device=gamma.device)
-    if gamma.shape[-1] == 1:
-        diff = gamma[..., :, None, 0] - gamma[..., None, :, 0]  # [.., L(i), L(j)]
-        return (a @ b.transpose(-1, -2)) * torch.where(keep, diff, neg_inf).exp()
+    neg_inf = torch.tensor(float("-inf"), dtype=g.dtype, device=g.device)
+    if g.shape[-1] == 1:
+        seg = _segment_sums(g)[..., 0]  # [.., L(i), L(j)]
+        return (a @ b.transpose(-1, -2)) * torch.where(keep, seg, neg_inf).exp()
     rows = []
     for r0 in range(0, L, sub):
         r1 = min(r0 + sub, L)
-        a_blk, g_blk = a[..., r0:r1, :], gamma[..., r0:r1, :]
+        a_blk, g_blk = a[..., r0:r1, :], g[..., r0:r1, :]
         parts = []
         if r0 > 0:
-            ref = gamma[..., r0 - 1 : r0, :]  # γ_r, [.., 1, D]
-            left = a_blk * (g_blk - ref).exp()  # exp(γ_i − γ_r), i >= r0 > r
-            right = b[..., :r0, :] * (ref - gamma[..., :r0, :]).exp()  # exp(γ_r − γ_j), j <= r
+            left = a_blk * _prefix(g_blk).exp()  # Σ_{r < m <= i}, i in [r0, r1)
+            right = b[..., :r0, :] * _suffix_after(g[..., :r0, :]).exp()  # Σ_{j < m <= r}
             parts.append(left @ right.transpose(-1, -2))
-        diff = g_blk[..., :, None, :] - g_blk[..., None, :, :]  # [.., l(i), l(j), D]
-        diff = torch.where(keep[r0:r1, r0:r1, None], diff, neg_inf)
-        parts.append(torch.einsum("...id,...jd,...ijd->...ij", a_blk, b[..., r0:r1, :], diff.exp()))
+        seg = torch.where(keep[r0:r1, r0:r1, None], _segment_sums(g_blk), neg_inf)
+        parts.append(torch.einsum("...id,...jd,...ijd->...ij", a_blk, b[..., r0:r1, :], seg.exp()))
         if r1 < L:
             parts.append(a.new_zeros(*a.shape[:-2], r1 - r0, L - r1))  # causal: nothing after
         rows.append(torch.cat(parts, dim=-1))
@@ -294,7 +322,7 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return T
 
 
-def _chunk_wy(k, v, beta, gamma, sub):
+def _chunk_wy(k, v, beta, g, sub):
     """Phase 1, independent per chunk (no state): the UT transform and the WY factors.
 
     The corrections u_i = β_i (v_i − S'_iᵀ k_i) of the chunk satisfy (docs/delta_rule.md)
@@ -304,31 +332,31 @@ def _chunk_wy(k, v, beta, gamma, sub):
         W = T diag(β) (K ⊙ exp(γ))   [L, D]     U_pre = T diag(β) V   [L, E].
     Neither depends on the state, so all chunks do this at once.
     """
-    A = beta[..., :, None] * _decayed_scores(k, k, gamma, strict=True, sub=sub)
+    A = beta[..., :, None] * _decayed_scores(k, k, g, strict=True, sub=sub)
     T = _unit_lower_inverse(A)
-    W = T @ (beta[..., None] * k * gamma.exp())
+    W = T @ (beta[..., None] * k * _prefix(g).exp())
     U_pre = T @ (beta[..., None] * v)
     return W, U_pre
 
 
-def _chunk_state(state, k, gamma, W, U_pre):
+def _chunk_state(state, k, g, W, U_pre):
     """Phase 2, sequential over chunks: the chunk's corrections U and the state after it.
         U = U_pre − W S0
         S_L = exp(γ_last) ⊙ S0 + (K ⊙ exp(γ_last − γ))ᵀ U      (row-wise decays, exponents <= 0)
     Only this phase carries S from chunk to chunk; it is two small products per chunk."""
     U = U_pre - W @ state
-    last = gamma[..., -1:, :]  # [.., 1, Dg]
-    decayed_state = state * last.transpose(-1, -2).exp()  # scales rows (key dim) of S0
-    return U, decayed_state + (k * (last - gamma).exp()).transpose(-1, -2) @ U
+    total = g.sum(dim=-2, keepdim=True)  # γ_last, [.., 1, Dg]
+    decayed_state = state * total.transpose(-1, -2).exp()  # scales rows (key dim) of S0
+    return U, decayed_state + (k * _suffix_after(g).exp()).transpose(-1, -2) @ U
 
 
-def _chunk_output(q, k, gamma, state, U, scale, sub):
+def _chunk_output(q, k, g, state, U, scale, sub):
     """Phase 3, independent per chunk given its incoming state S0 and its U:
         O = scale · ( (Q ⊙ exp(γ)) S0  +  P U ),
         P_ij = Σ_d q_id k_jd exp(γ_id − γ_jd)  for j <= i, 0 otherwise
     (inter-chunk through the state, intra-chunk through the masked q kᵀ)."""
-    P = _decayed_scores(q, k, gamma, strict=False, sub=sub)
-    return scale * ((q * gamma.exp()) @ state + P @ U)
+    P = _decayed_scores(q, k, g, strict=False, sub=sub)
+    return scale * ((q * _prefix(g).exp()) @ state + P @ U)
 
 
 def _make_chunked_sequence(chunk: int, sub: int):
@@ -346,21 +374,20 @@ def _make_chunked_sequence(chunk: int, sub: int):
         else:
             g = g.transpose(1, 2)
         pieces = [slice(s, min(s + chunk, T)) for s in range(0, T, chunk)]
-        # The cumulative log decay restarts at every chunk: only differences within a chunk
-        # are ever exponentiated, and each chunk's own γ is <= 0.
-        gammas = [g[..., p, :].cumsum(dim=-2) for p in pieces]
+        # Each chunk sees only its own log decays: every exponent stays inside one chunk.
+        log_decays = [g[..., p, :] for p in pieces]
         wy = [
-            _chunk_wy(k[..., p, :], v[..., p, :], beta[..., p], gm, sub)
-            for p, gm in zip(pieces, gammas, strict=True)
+            _chunk_wy(k[..., p, :], v[..., p, :], beta[..., p], g_c, sub)
+            for p, g_c in zip(pieces, log_decays, strict=True)
         ]
         incoming, corrections = [], []
-        for p, gm, (W, U_pre) in zip(pieces, gammas, wy, strict=True):
+        for p, g_c, (W, U_pre) in zip(pieces, log_decays, wy, strict=True):
             incoming.append(state)
-            U, state = _chunk_state(state, k[..., p, :], gm, W, U_pre)
+            U, state = _chunk_state(state, k[..., p, :], g_c, W, U_pre)
             corrections.append(U)
         outputs = [
-            _chunk_output(q[..., p, :], k[..., p, :], gm, s0, U, scale, sub)
-            for p, gm, s0, U in zip(pieces, gammas, incoming, corrections, strict=True)
+            _chunk_output(q[..., p, :], k[..., p, :], g_c, s0, U, scale, sub)
+            for p, g_c, s0, U in zip(pieces, log_decays, incoming, corrections, strict=True)
         ]
         o = torch.cat(outputs, dim=-2) if outputs else v.new_zeros(v.shape)
         return o.transpose(1, 2), state
