@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 
 from attncc.delta_reference import (
     DECAY_KINDS,
+    _chunk_output,
+    _chunk_state,
+    _chunk_wy,
     _decayed_scores,
     _unit_lower_inverse,
     delta_chunked,
@@ -267,3 +270,79 @@ def test_float32_strong_decay_accuracy(kind):
     o, s = delta_chunked(*x[:4], kind, x[4], initial_state=x[5], chunk=64)
     assert rel_err(o.to(F64), o_ref) <= 2e-6
     assert rel_err(s.to(F64), s_ref) <= 2e-6
+
+
+def test_backward_plan_formulas_one_chunk():
+    """The backward equations of docs/delta_rule.md, written out for one per-channel chunk
+    (L = 21 with sub-chunks of 8), against autograd through the module's three chunk phases."""
+    gen = torch.Generator().manual_seed(7)
+    L, D, E, scale = 21, 4, 3, 0.7
+    q = torch.randn(L, D, generator=gen, dtype=F64)
+    k = torch.nn.functional.normalize(torch.randn(L, D, generator=gen, dtype=F64), dim=-1)
+    v = torch.randn(L, E, generator=gen, dtype=F64)
+    beta = 0.05 + 1.9 * torch.rand(L, generator=gen, dtype=F64)
+    g = -torch.rand(L, D, generator=gen, dtype=F64)
+    S0 = torch.randn(D, E, generator=gen, dtype=F64)
+    dO = torch.randn(L, E, generator=gen, dtype=F64)
+    dSL = torch.randn(D, E, generator=gen, dtype=F64)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, g, S0)]
+    lq, lk, lv, lb, lg, lS = leaves
+    W_, U_pre_ = _chunk_wy(lk, lv, lb, lg, 8)
+    U_, SL_ = _chunk_state(lS, lk, lg, W_, U_pre_)
+    O_ = _chunk_output(lq, lk, lg, lS, U_, scale, 8)
+    ((O_ * dO).sum() + (SL_ * dSL).sum()).backward()
+
+    # Forward quantities, recomputed the plain way: the full [L, L, D] factors e^{Γ_ij}.
+    gam = g.cumsum(0)
+    last = gam[-1]
+    idx = torch.arange(L)
+    incl = idx[:, None] >= idx[None, :]
+    strict = idx[:, None] > idx[None, :]
+    fac = torch.where(incl[..., None], gam[:, None] - gam[None], -math.inf).exp()
+    Ks = torch.einsum("id,jd,ijd->ij", k, k, fac) * strict
+    A = beta[:, None] * Ks
+    T = torch.linalg.inv(torch.eye(L, dtype=F64) + A)
+    Kh, Qh, Kb = k * gam.exp(), q * gam.exp(), k * (last - gam).exp()
+    XW, XU = beta[:, None] * Kh, beta[:, None] * v
+    W = T @ XW
+    U = T @ XU - W @ S0
+    P = torch.einsum("id,jd,ijd->ij", q, k, fac)
+    # The backward of the plan.
+    dU = scale * P.T @ dO + Kb @ dSL
+    dP = scale * (dO @ U.T) * incl
+    dQh, dKb = scale * dO @ S0.T, U @ dSL.T
+    dS0 = scale * Qh.T @ dO + last.exp()[:, None] * dSL - W.T @ dU
+    dW = -dU @ S0.T
+    dXW, dXU = T.T @ dW, T.T @ dU
+    dT = dW @ XW.T + dU @ XU.T
+    dA = -(T.T @ dT @ T.T) * strict
+    dv = beta[:, None] * dXU
+    dbeta = (dXU * v).sum(1) + (dXW * Kh).sum(1) + (dA * Ks).sum(1)
+    dq = gam.exp() * dQh + torch.einsum("ij,jd,ijd->id", dP, k, fac)
+    dk = (
+        beta[:, None] * gam.exp() * dXW
+        + (last - gam).exp() * dKb
+        + torch.einsum("ij,id,ijd->jd", dP, q, fac)
+        + torch.einsum("ij,i,id,ijd->jd", dA, beta, k, fac)
+        + torch.einsum("jm,j,md,jmd->jd", dA, beta, k, fac)
+    )
+    c = torch.einsum("ij,id,jd,ijd->ijd", dP, q, k, fac) + torch.einsum(
+        "ij,i,id,jd,ijd->ijd", dA, beta, k, k, fac
+    )
+    p = (q * dQh + beta[:, None] * k * dXW) * gam.exp()
+    s = k * dKb * (last - gam).exp()
+    z = (S0 * dSL * last.exp()[:, None]).sum(1)
+    spans = (idx[None, None] > idx[None, :, None]) & (idx[None, None] <= idx[:, None, None])
+    dg = (
+        torch.einsum("ijd,ijm->md", c, spans.to(F64))  # segments: j < m <= i
+        + p.flip(0).cumsum(0).flip(0)  # prefixes: m <= i
+        + torch.cat([torch.zeros(1, D, dtype=F64), s.cumsum(0)[:-1]])  # suffixes: m > j
+        + z  # the state's decay spans the whole chunk
+    )
+    dgam = c.sum(1) - c.sum(0) + p - s  # the row-minus-column form, then a reverse cumsum
+    dgam[-1] += s.sum(0) + z
+    dg_rows = dgam.flip(0).cumsum(0).flip(0)
+    for mine, leaf in zip((dq, dk, dv, dbeta, dg, dS0), leaves, strict=True):
+        assert rel_err(mine, leaf.grad) <= 1e-12
+    assert rel_err(dg_rows, lg.grad) <= 1e-12
