@@ -421,3 +421,133 @@ def delta_chunked(
         q, k, v, beta, decay_kind, decay, scale, initial_state, cu_seqlens,
     )
     return o.to(q.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-written chunked backward (docs/delta_rule.md, "Backward pass plan")
+# ----------------------------------------------------------------------------------------------
+#
+# Plain and unblocked: the pair factors e^{Γ_ij} are formed in full as [.., L, L, D] (the
+# kernel will block them as `_decayed_scores` does). Dense batches only (no cu_seqlens).
+
+
+def _pair_factors(g: torch.Tensor, D: int) -> torch.Tensor:
+    """e^{Γ_ij} for j <= i, 0 above: [.., L, L, D] (a scalar decay is expanded over d)."""
+    L = g.shape[-2]
+    keep = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()[..., None]
+    neg_inf = torch.tensor(float("-inf"), dtype=g.dtype, device=g.device)
+    return torch.where(keep, _segment_sums(g), neg_inf).exp().expand(*g.shape[:-2], L, L, D)
+
+
+def _chunk_backward(q, k, v, beta, g, S0, dO, dSL, scale):
+    """One chunk's gradients given dO [.., L, E] and dS_L [.., D, E]: (dq, dk, dv, dbeta,
+    dg [.., L, D], dS0). Forward quantities are recomputed from the chunk's inputs and S0."""
+    L, D = k.shape[-2:]
+    fac = _pair_factors(g, D)
+    strict = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    pre = _prefix(g).exp().expand_as(k)  # e^{γ_i}
+    suf = _suffix_after(g).exp().expand_as(k)  # e^{γ_last − γ_j}
+    last = g.sum(dim=-2).exp().expand(*k.shape[:-2], D)  # e^{γ_last}
+    Ks = torch.einsum("...id,...jd,...ijd->...ij", k, k, fac) * strict
+    T = _unit_lower_inverse(beta[..., :, None] * Ks)
+    XW, XU = beta[..., None] * k * pre, beta[..., None] * v
+    W = T @ XW
+    U = T @ XU - W @ S0
+    P = torch.einsum("...id,...jd,...ijd->...ij", q, k, fac)
+    tr = lambda x: x.transpose(-1, -2)
+    # Outputs and the state leaving the chunk.
+    dU = scale * tr(P) @ dO + (k * suf) @ dSL
+    dP = scale * (dO @ tr(U)) * incl
+    dQh, dKb = scale * dO @ tr(S0), U @ tr(dSL)
+    dS0 = scale * tr(q * pre) @ dO + last[..., None] * dSL - tr(W) @ dU
+    # Through U = T X_U − T X_W S0 and T = (I + A)^{-1}.
+    dW = -dU @ tr(S0)
+    dXW, dXU = tr(T) @ dW, tr(T) @ dU
+    dT = dW @ tr(XW) + dU @ tr(XU)
+    dA = -(tr(T) @ dT @ tr(T)) * strict
+    dAb = dA * beta[..., :, None]  # the gradient of the β-free Gram part K Kᵀ ⊙ e^{Γ}
+    dv = beta[..., None] * dXU
+    dbeta = (dXU * v).sum(-1) + (dXW * k * pre).sum(-1) + (dA * Ks).sum(-1)
+    # Pair terms: Σ_j M_ij b_j ⊙ e^{Γ_ij} (rows) and Σ_i M_ij a_i ⊙ e^{Γ_ij} (columns).
+    rows = lambda M, b: torch.einsum("...ij,...jd,...ijd->...id", M, b, fac)
+    cols = lambda M, a: torch.einsum("...ij,...id,...ijd->...jd", M, a, fac)
+    dq_pair, dk_pair = rows(dP, k), cols(dP, q)
+    dk_gram_rows, dk_gram_cols = rows(dAb, k), cols(dAb, k)
+    dq = pre * dQh + dq_pair
+    dk = beta[..., None] * pre * dXW + suf * dKb + dk_pair + dk_gram_rows + dk_gram_cols
+    # Log decays, row-minus-column form: with c_ij the pair terms' ∂L/∂Γ_ij,
+    # Σ_j c_ij = q ⊙ rows(dP) + k ⊙ rows(dAb) and Σ_i c_ij = k ⊙ cols(dP) + k ⊙ cols(dAb);
+    # then a reverse cumulative sum over the chunk. Terms whose factor does not depend on g
+    # (the diagonal, Γ_ii = 0; the last token's suffix, e^0) are left out rather than added
+    # and subtracted: their O(1) rounding would swamp a small true gradient (slope 30: ~1e-13).
+    dP_below = dP * strict
+    p = (q * dQh + beta[..., None] * k * dXW) * pre  # prefix factors e^{γ_i}
+    s = k * dKb * suf  # suffix factors e^{γ_last − γ_j}
+    s = torch.cat([s[..., :-1, :], torch.zeros_like(s[..., -1:, :])], dim=-2)
+    z = (S0 * dSL).sum(-1) * last  # the state's decay e^{γ_last}
+    rows_sum = q * rows(dP_below, k) + k * dk_gram_rows
+    cols_sum = k * (cols(dP_below, q) + dk_gram_cols)
+    dgam = rows_sum - cols_sum + p - s
+    dgam = torch.cat([dgam[..., :-1, :], dgam[..., -1:, :] + (s.sum(-2) + z)[..., None, :]], -2)
+    dg = dgam.flip(-2).cumsum(dim=-2).flip(-2)
+    return dq, dk, dv, dbeta, dg, dS0
+
+
+def delta_chunked_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_kind: str,
+    decay: torch.Tensor | None,
+    do: torch.Tensor,
+    d_final_state: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of delta_chunked / delta_recurrent (dense batches, no cu_seqlens): given do
+    [B, T, H, E] and d_final_state [B, H, D, E] (None: zeros), returns (dq, dk, dv, dbeta,
+    ddecay or None, d_initial_state), in the compute dtype. A forward pass of states, then the
+    reverse pass over chunks carrying dS."""
+    _check(q, k, v, beta, decay_kind, decay, initial_state, None)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    dtype = torch.promote_types(torch.float32, q.dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    g = _log_decay(decay_kind, decay, B, T, H, dtype)
+    q, k, v, beta, do = (x.to(dtype).transpose(1, 2) for x in (q, k, v, beta, do))
+    g = q.new_zeros(B, H, T, 1) if g is None else g.transpose(1, 2)
+    g = g[..., None] if g.dim() == 3 else g
+    state = q.new_zeros(B, H, D, E) if initial_state is None else initial_state.to(dtype)
+    dS = q.new_zeros(B, H, D, E) if d_final_state is None else d_final_state.to(dtype)
+    pieces = [slice(s, min(s + chunk, T)) for s in range(0, T, chunk)]
+    incoming = []
+    for p in pieces:  # the states entering the chunks (a kernel stores or recomputes them)
+        incoming.append(state)
+        W, U_pre = _chunk_wy(k[..., p, :], v[..., p, :], beta[..., p], g[..., p, :], sub=chunk)
+        _, state = _chunk_state(state, k[..., p, :], g[..., p, :], W, U_pre)
+    grads = [torch.zeros_like(x) for x in (q, k, v, beta)] + [q.new_zeros(B, H, T, D)]
+    for p, S0 in reversed(list(zip(pieces, incoming, strict=True))):
+        *chunk_grads, dS = _chunk_backward(
+            q[..., p, :], k[..., p, :], v[..., p, :], beta[..., p], g[..., p, :], S0,
+            do[..., p, :], dS, scale,
+        )
+        for full, part in zip(grads, chunk_grads, strict=True):
+            if full.dim() == 4:
+                full[..., p, :] = part
+            else:
+                full[..., p] = part  # dbeta [B, H, T]
+    dq, dk, dv, dbeta, dg = grads
+    dq, dk, dv, dbeta, dg = (x.transpose(1, 2) for x in (dq, dk, dv, dbeta, dg))
+    if decay_kind == "none":
+        ddecay = None
+    elif decay_kind == "per_head":
+        ddecay = -dg.sum(dim=(0, 1, 3))
+    elif decay_kind == "per_token":
+        ddecay = dg.sum(dim=-1)
+    else:
+        ddecay = dg
+    return dq, dk, dv, dbeta, ddecay, dS

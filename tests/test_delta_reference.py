@@ -21,6 +21,7 @@ from attncc.delta_reference import (
     _decayed_scores,
     _unit_lower_inverse,
     delta_chunked,
+    delta_chunked_backward,
     delta_recurrent,
 )
 
@@ -346,3 +347,26 @@ def test_backward_plan_formulas_one_chunk():
     for mine, leaf in zip((dq, dk, dv, dbeta, dg, dS0), leaves, strict=True):
         assert rel_err(mine, leaf.grad) <= 1e-12
     assert rel_err(dg_rows, lg.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("kind", DECAY_KINDS)
+def test_hand_written_backward_matches_autograd(kind, chunk):
+    """delta_chunked_backward (the plan of docs/delta_rule.md as code) against autograd
+    through delta_recurrent, float64, with initial and final states and a partial chunk."""
+    inputs = make_inputs(kind, B=2, T=37, H=2, D=5, E=3, seed=chunk, strong=chunk == 64)
+    gen = torch.Generator().manual_seed(1)
+    d_o = torch.randn(2, 37, 2, 3, generator=gen, dtype=F64)
+    d_s = torch.randn(2, 2, 5, 3, generator=gen, dtype=F64)
+    leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
+    q, k, v, beta, decay, state = leaves
+    o, s = delta_recurrent(q, k, v, beta, kind, decay, scale=0.8, initial_state=state)
+    ((o * d_o).sum() + (s * d_s).sum()).backward()
+    mine = delta_chunked_backward(
+        *inputs[:4], kind, inputs[4], d_o, d_s, scale=0.8, initial_state=inputs[5], chunk=chunk
+    )
+    for name, got, leaf in zip(("q", "k", "v", "beta", "decay", "state"), mine, leaves, strict=True):
+        if leaf is None:
+            assert got is None
+        else:
+            assert got.shape == leaf.shape and rel_err(got, leaf.grad) <= 1e-10, name
