@@ -21,6 +21,8 @@ Two functions compute the same thing:
   kernels will have: (1) per chunk, in parallel, the UT transform and W, U; (2) one pass over
   the chunks in order, carrying the state; (3) per chunk, in parallel, the outputs.
 
+`delta_chunked_backward` is the hand-written backward the kernels will follow (dense batches).
+
 docs/delta_rule.md derives the chunked equations and says why they stay bounded.
 Both take any float dtype; they compute in at least float32 (the state is kept in the
 compute dtype, as the kernels keep an fp32 state) and return o in q's dtype.
@@ -32,7 +34,7 @@ import math
 
 import torch
 
-__all__ = ["DECAY_KINDS", "delta_chunked", "delta_recurrent"]
+__all__ = ["DECAY_KINDS", "delta_chunked", "delta_chunked_backward", "delta_recurrent"]
 
 DECAY_KINDS = ("none", "per_head", "per_token", "per_channel")
 
