@@ -23,7 +23,15 @@ from sympy.printing.str import StrPrinter
 from attncc.ir import X
 
 
-class step(sympy.Function):
+class _RealFunction(sympy.Function):
+    """A function of the language: real for a real argument. sympy must know it, or it
+    rewrites abs(2**f(x)) as 2**re(f(x)), which is outside the language."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class step(_RealFunction):
     """Heaviside step with step(0) = 0: the derivative of relu."""
 
     @classmethod
@@ -35,7 +43,7 @@ class step(sympy.Function):
         return sympy.Integer(0)
 
 
-class relu(sympy.Function):
+class relu(_RealFunction):
     @classmethod
     def eval(cls, arg):
         if arg.is_Number:
@@ -45,35 +53,35 @@ class relu(sympy.Function):
         return step(self.args[0])
 
 
-class sigmoid(sympy.Function):
+class sigmoid(_RealFunction):
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
 
 
-class logsigmoid(sympy.Function):
+class logsigmoid(_RealFunction):
     def fdiff(self, argindex=1):
         return sigmoid(-self.args[0])
 
 
-class softplus(sympy.Function):
+class softplus(_RealFunction):
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
 
-class silu(sympy.Function):
+class silu(_RealFunction):
     def fdiff(self, argindex=1):
         x = self.args[0]
         return sigmoid(x) * (1 + x * (1 - sigmoid(x)))
 
 
-class elu_grad(sympy.Function):
+class elu_grad(_RealFunction):
     """d/dx elu(x): 1 for x > 0, exp(x) otherwise."""
 
     def fdiff(self, argindex=1):
         return elu_grad(self.args[0]) - step(self.args[0])
 
 
-class elu(sympy.Function):
+class elu(_RealFunction):
     def fdiff(self, argindex=1):
         return elu_grad(self.args[0])
 
@@ -94,14 +102,14 @@ FUNCTIONS: dict[str, sympy.FunctionClass] = {
 }
 
 
-class sign(sympy.Function):
+class sign(_RealFunction):
     """sign(u) with sign(0) = 0: the derivative of abs."""
 
     def fdiff(self, argindex=1):
         return sympy.Integer(0)
 
 
-class absolute(sympy.Function):
+class absolute(_RealFunction):
     """abs(u) for real u. sympy's Abs differentiates into re/im/Piecewise forms when it
     cannot prove its argument real (e.g. abs(relu(x) - 1)), so derivatives use this."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import keyword
 
+import pytest
 import sympy
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -240,3 +241,14 @@ def test_normal_forms():
     e = parse_spec("attention a { feature_map = exp(1 + log(x)) }").specs[0]
     assert e.q_map == ElementwiseMap(sympy.E * X)
     assert "feature_map = exp(1)*x" in to_canonical(e)
+
+
+@pytest.mark.parametrize("text", ["abs(2**(-elu(x)))", "abs(exp(sigmoid(x) - 1))", "abs(3**relu(x)) + x"])
+def test_abs_of_a_power_of_a_language_function_compiles(text):
+    """The language's functions are real for real x: sympy must not turn abs(2**f(x)) into
+    2**re(f(x)), which no printer knows (compile raised KeyError: 're')."""
+    from attncc.compiler import compile_source
+
+    spec = parse_spec(f"attention a {{ feature_map = {text} }}")
+    assert not spec.specs[0].q_map.expr.has(sympy.re, sympy.im)
+    compile_source(f"attention a {{ feature_map = {text} }}", "a.attn")
