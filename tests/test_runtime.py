@@ -240,6 +240,31 @@ def test_launch_falls_back_to_smaller_chunks_when_one_stage_does_not_fit():
         module._launch(kernel_fitting_at(8), (1,), x, num_stages=1, BLOCK_T=32, D=256)
 
 
+def test_what_fits_is_remembered_whatever_the_runtime_arguments():
+    """Launches pass runtime values by keyword too (scale, segment_len): what fits is keyed on
+    the compile-time parameters only, so a new scale does not retry what did not fit."""
+    import triton
+
+    module = module_for(AttentionSpec(name="fits_key_probe", decay=Decay.NONE))
+    tried = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                tried.append(meta["num_stages"])
+                if meta["num_stages"] > 1:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return grid
+
+            return run
+
+    kernel, x = Kernel(), torch.randn(3)
+    module._launch(kernel, (1,), q_ptr=x, scale=0.25, segment_len=64, num_stages=3, BLOCK_T=64)
+    assert tried == [3, 2, 1]
+    module._launch(kernel, (1,), q_ptr=x, scale=0.5, segment_len=128, num_stages=3, BLOCK_T=64)
+    assert tried == [3, 2, 1, 1]  # remembered for the new scale and segment length
+
+
 def test_forward_stores_backward_segment_states_only_when_a_backward_can_follow(monkeypatch):
     """The forward pass stores the states entering the backward's segments (saving the
     backward a pass); under no_grad, or without inputs that need gradients, it must not

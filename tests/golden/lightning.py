@@ -207,9 +207,15 @@ def _launch(kernel, grid, *args, **meta):
 
 
 def _launch_key(kernel, args, meta):
-    """(kernel, input dtype, launch parameters): what decides whether a launch fits."""
+    """(kernel, input dtype, launch parameters): what decides whether a launch fits. The
+    parameters are the compile-time ones (the kernels' constexprs are spelled in capitals)
+    and num_warps / num_stages; runtime values passed by keyword (scale, segment_len) would
+    make every new value look like a new launch and retry what is known not to fit."""
     dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
-    settings = tuple(sorted((k, x) for k, x in meta.items() if isinstance(x, (bool, int, float, str))))
+    settings = tuple(sorted(
+        (k, x) for k, x in meta.items()
+        if (k.isupper() or k in ("num_warps", "num_stages")) and isinstance(x, (bool, int, float, str))
+    ))
     return (kernel, dtype, settings)
 
 
@@ -978,8 +984,8 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _lightning_launch_args(q, k, v, config, _block(E), backward=True)
     segments = None
-    _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
-    if entering is not None:
+    if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
+        _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
         segment_cu, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
         segments = (segment_cu, segment_starts, entering)
     else:
