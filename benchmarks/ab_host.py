@@ -7,26 +7,11 @@ medians of 7 rounds of calls, two interleaved rounds per version.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 from ab_modules import FUNCTIONS, load
-
-
-def host_us(fn, calls: int = 2000) -> float:
-    for _ in range(300):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+from compile_bench import host_us
 
 
 def compare(folder: str, decay: str) -> None:
@@ -44,8 +29,8 @@ def compare(folder: str, decay: str) -> None:
                 torch.autograd.grad(o, (qg, kg, vg), o)
 
             with torch.no_grad():
-                results.setdefault(f"{tag} fwd no_grad", []).append(round(host_us(lambda fn=fn: fn(q, k, v, x)), 1))
-            results.setdefault(f"{tag} fwd+bwd", []).append(round(host_us(forward_backward, 500), 1))
+                results.setdefault(f"{tag} fwd no_grad", []).append(round(host_us(lambda fn=fn: fn(q, k, v, x), rounds=7, warmup=300), 1))
+            results.setdefault(f"{tag} fwd+bwd", []).append(round(host_us(forward_backward, 500, rounds=7, warmup=300), 1))
     print(decay, f"host µs per call, (B, T, H, D) = {(B, T, H, D)} bf16:", results, flush=True)
 
 

@@ -39,12 +39,13 @@ def _module(kind: str):
     return import_path(path, f"cb_{kind}"), SPECS[kind].split()[1]
 
 
-def _host_us(fn, calls: int = 2000) -> float:
-    for _ in range(200):
+def host_us(fn, calls: int = 2000, rounds: int = 5, warmup: int = 200) -> float:
+    """Median over `rounds` of the wall-clock µs per call of `calls` calls of fn."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     samples = []
-    for _ in range(5):
+    for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -70,7 +71,7 @@ def host_cost(kind: str) -> dict:
         extra["exact_path"] = getattr(mod, f"_{name}_exact_path_flag")(g, 64)
     direct = lambda: launch(*flat, g, None, cu, T, 0.125, False, True, False, **extra)  # noqa: E731
     with torch.no_grad():
-        public_us, direct_us = _host_us(public), _host_us(direct)
+        public_us, direct_us = host_us(public), host_us(direct)
     return {"kind": kind, "public_call_us": public_us, "launch_code_us": direct_us, "boundary_us": public_us - direct_us}
 
 
