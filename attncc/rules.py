@@ -145,6 +145,11 @@ def in_namespace(name: str, block: str) -> bool:
     return name == block or name.startswith(block + "_") or name.startswith("_" + block + "_")
 
 
+def namespaces_meet(a: str, b: str) -> bool:
+    """Whether blocks named `a` and `b` could define one generated name twice."""
+    return a == b or a.startswith(b + "_") or b.startswith(a + "_")
+
+
 def check_name(report: Reporter, tok: lark.Token) -> bool:
     """One block's name: an identifier the generated module can define without clashes."""
     name = str(tok)
@@ -204,21 +209,19 @@ def check_names(report: Reporter, names: list[lark.Token]) -> None:
             continue
         first[name] = tok
     for name, tok in first.items():
-        for i, char in enumerate(name):
-            other = first.get(name[:i]) if char == "_" and i > 0 else None
-            if other is None:
-                continue
-            prefix = str(other)
-            report.error(
-                f"the names generated for `attention {name}` may clash with those for "
-                f"`attention {prefix}` (line {other.line}), which start with `{prefix}_` "
-                f"or `_{prefix}_`",
-                tok,
-                f"rename one of the two blocks, e.g. `attention {_joined(name)}`",
-                # A note, not a label: callers read the other block's place from d.notes.
-                notes=[(f"block `{prefix}` is defined here", other)],
-            )
-            break
+        other = next((first[n] for n in sorted(first, key=len) if name.startswith(n + "_")), None)
+        if other is None:
+            continue
+        prefix = str(other)
+        report.error(
+            f"the names generated for `attention {name}` may clash with those for "
+            f"`attention {prefix}` (line {other.line}), which start with `{prefix}_` "
+            f"or `_{prefix}_`",
+            tok,
+            f"rename one of the two blocks, e.g. `attention {_free_name(name, first)}`",
+            # A note, not a label: callers read the other block's place from d.notes.
+            notes=[(f"block `{prefix}` is defined here", other)],
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -442,9 +445,11 @@ def _keys_hint() -> str:
     return "the keys are " + ", ".join(f"`{k}`" for k in KEYS)
 
 
-def _joined(name: str) -> str:
-    """name without underscores: a rename that cannot clash with a prefix of it."""
-    return name.replace("_", "") or "attn"
+def _free_name(name: str, taken: dict[str, lark.Token]) -> str:
+    """A rename of `name` whose namespace meets no other block of the file."""
+    base = name.replace("_", "") or "attn"
+    candidates = [base] + [f"{base}{i}" for i in range(2, len(taken) + 3)]
+    return next(c for c in candidates if not any(namespaces_meet(c, n) for n in taken if n != name))
 
 
 def _rename_hint(name: str) -> str:

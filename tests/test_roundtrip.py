@@ -23,6 +23,7 @@ from attncc.ir import (
     SpecFile,
     X,
 )
+from attncc.rules import namespaces_meet
 
 SETTINGS = settings(
     max_examples=150,
@@ -173,12 +174,11 @@ def attention_specs(draw, name=None):
 @st.composite
 def spec_files(draw):
     chosen: list[str] = []
-    taken: set[str] = set()
     for _ in range(draw(st.integers(1, 3))):
         name = draw(names)
-        assume(not set(generated_names(name)) & taken)
+        # A file's blocks are valid only when their generated namespaces stay apart.
+        assume(not any(namespaces_meet(name, other) for other in chosen))
         chosen.append(name)
-        taken |= set(generated_names(name))
     return SpecFile(tuple(draw(attention_specs(name)) for name in chosen))
 
 
