@@ -133,6 +133,8 @@ class MapPlan:
 
 @dataclass(frozen=True)
 class GatePlan:
+    """An elementwise transform of a raw input (the gate, the delta rule's beta) as source."""
+
     triton_expr: str
     triton_grad: str
     torch_expr: str
@@ -153,6 +155,7 @@ class KernelPlan:
     q_map: MapPlan
     k_map: MapPlan
     gate: GatePlan | None
+    beta: GatePlan | None  # the delta rule's beta transform (None: β is the input as given)
     helpers: tuple[str, ...]  # elementwise Triton helpers the module must define
     bwd_chunk: int  # the backward kernels' chunk (they need not match the forward's)
     block_e: int  # widest value block one forward program takes
@@ -190,6 +193,10 @@ class KernelPlan:
         return self.per_token or self.per_channel
 
     @property
+    def delta(self) -> bool:  # the delta rule (S' = A S; S = S' + β k (v − S'ᵀ k)ᵀ)
+        return self.update is UpdateRule.DELTA
+
+    @property
     def decay_text(self) -> str:  # "per-head", as messages spell it
         return self.decay.value.replace("_", "-")
 
@@ -225,6 +232,12 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         grad, used_grad = ex.to_triton(ex.derivative(spec.gate))
         helpers |= used | used_grad
         gate = GatePlan(body, grad, ex.to_torch(spec.gate), ex.to_text(spec.gate))
+    beta = None
+    if spec.beta is not None:
+        body, used = ex.to_triton(spec.beta)
+        grad, used_grad = ex.to_triton(ex.derivative(spec.beta))
+        helpers |= used | used_grad
+        beta = GatePlan(body, grad, ex.to_torch(spec.beta), ex.to_text(spec.beta))
     defaults = LAUNCH_DEFAULTS[spec.decay]
     return KernelPlan(
         name=spec.name,
@@ -244,6 +257,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         q_map=q_map,
         k_map=k_map,
         gate=gate,
+        beta=beta,
         helpers=tuple(sorted(helpers)),
         decay_input=decay_input(spec),
         decay_arg=_decay_argument(spec),

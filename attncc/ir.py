@@ -72,9 +72,11 @@ FeatureMap = IdentityMap | ElementwiseMap | RowMap
 
 class UpdateRule(enum.Enum):
     """How a token's key and value enter the state: the recurrence's family. Each rule has
-    its own template family (templates/<value>/); the delta rule comes next."""
+    its own template family (templates/<value>/)."""
 
     ADDITIVE = "additive"  # S_t = A_t ⊙ S_{t-1} + φk(k_t)ᵀ v_t
+    # S'_t = A_t ⊙ S_{t-1};  S_t = S'_t + β_t φk(k_t) (v_t − S'_tᵀ φk(k_t))ᵀ  (DeltaNet family)
+    DELTA = "delta"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class AttentionSpec:
     scale: sympy.Rational | sympy.Float | None = None
     normalize: bool = False
     update: UpdateRule = UpdateRule.ADDITIVE
+    beta: sympy.Expr | None = None  # raw beta input x -> β (delta rule only; None: β = x)
     span: Span | None = field(default=None, compare=False, hash=False, repr=False)
 
 
