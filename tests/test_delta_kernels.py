@@ -1,0 +1,174 @@
+"""The delta rule's generated kernels (forward, backward, decoding step, sequence-parallel
+pieces) against float64: the generated reference, and attncc.delta_reference's own
+recurrence (checked itself against a naive loop in test_delta_reference.py).
+
+Shapes stay tiny: without a GPU the kernels run through Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+
+from attncc.delta_reference import delta_recurrent
+from attncc.ir import (
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    IdentityMap,
+    RowMap,
+    RowMapKind,
+    UpdateRule,
+    X,
+)
+from tests.kernelkit import DEVICE, TOLERANCE, module_for, rel_error
+
+L2 = RowMap(RowMapKind.L2NORM)
+DECAYS = list(Decay)
+
+
+def delta_spec(decay: Decay, *, name: str = "delta", chunk: int = 16, gate=None, beta=None, q_map=L2, k_map=L2,
+               scale=None) -> AttentionSpec:
+    return AttentionSpec(name=name, q_map=q_map, k_map=k_map, decay=decay, gate=gate, chunk=chunk,
+                         update=UpdateRule.DELTA, beta=beta, scale=scale)
+
+
+def inputs(spec, B, T, H, H_kv, D, E, gen, dtype=torch.float32, strong=False):
+    """Fresh inputs: q, k, v, [decay], beta. β in (0, 1) (or its logit with a sigmoid
+    transform); log decays in (-1, 0), or with strong=True a third of them at -30."""
+    q = torch.randn(B, T, H, D, generator=gen)
+    k = torch.randn(B, T, H_kv, D, generator=gen)
+    v = torch.randn(B, T, H_kv, E, generator=gen)
+    beta = torch.rand(B, T, H_kv, generator=gen)
+    if spec.beta is not None:
+        beta = torch.logit(beta.clamp(0.05, 0.95))
+    extra = []
+    if spec.decay is Decay.PER_HEAD:
+        extra = [torch.rand(H, generator=gen) * 0.5 + 0.01]
+    elif spec.decay.data_dependent:
+        shape = (B, T, H_kv, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H_kv)
+        g = -torch.rand(shape, generator=gen)
+        if strong:
+            g = torch.where(torch.rand(shape, generator=gen) < 0.35, torch.full_like(g, -30.0), g)
+        if spec.gate is not None:  # the gate below is logsigmoid: feed its inverse
+            g = g - torch.log(-torch.expm1(g.clamp(max=-1e-4)))
+        extra = [g]
+    return [x.to(dtype).to(DEVICE) for x in (q, k, v, *extra, beta)]
+
+
+def check_against_reference(spec, B, T, H, H_kv, D, E, *, seed=0, cu_seqlens=None, with_state=True,
+                            dtype=torch.float32, strong=False):
+    """o, the final state and every gradient of `spec`'s kernels against its float64 reference."""
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(seed)
+    args = inputs(spec, B, T, H, H_kv, D, E, gen, dtype, strong)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    state = torch.randn(N, H, D, E, generator=gen).to(DEVICE) if with_state else None
+    leaves = args + ([state] if with_state else [])
+    for x in leaves:
+        x.requires_grad_(True)
+    fn, reference = getattr(module, spec.name), getattr(module, spec.name + "_reference")
+    cu = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    o, final = fn(*args, initial_state=state, output_final_state=True, cu_seqlens=cu)
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref_state = ref_leaves[-1] if with_state else None
+    o_ref, final_ref = reference(*ref_leaves[: len(args)], initial_state=ref_state, output_final_state=True,
+                                 cu_seqlens=cu)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE)
+    dfinal = torch.randn(final.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad((o.float() * do).sum() + (final * dfinal).sum(), leaves)
+    ref_grads = torch.autograd.grad((o_ref * do.double()).sum() + (final_ref * dfinal.double()).sum(), ref_leaves)
+    bound = TOLERANCE[dtype]
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    assert rel_error(o, o_ref) < bound, ("o", rel_error(o, o_ref))
+    assert rel_error(final, final_ref) < bound, ("final state", rel_error(final, final_ref))
+    names = ["q", "k", "v", *(["decay"] if len(args) == 5 else []), "beta", *(["initial_state"] if with_state else [])]
+    for name, grad, ref_grad, leaf in zip(names, grads, ref_grads, leaves, strict=True):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        assert rel_error(grad, ref_grad) < bound, (name, rel_error(grad, ref_grad))
+    return o_ref, final_ref, ref_leaves
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=lambda d: d.value)
+def test_kernels_match_the_reference(decay):
+    # Grouped heads (H = 2 query heads per key/value head), D != E, full chunks of 16 and a
+    # partial last one, an initial state, every gradient. (Per channel fewer tokens: its
+    # pair terms loop over the chunk's columns, slow in the interpreter.)
+    B, T = (1, 20) if decay is Decay.PER_CHANNEL else (2, 37)
+    check_against_reference(delta_spec(decay), B=B, T=T, H=2, H_kv=1, D=16, E=24)
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=lambda d: d.value)
+def test_reference_is_the_recurrence(decay):
+    """The generated reference against attncc.delta_reference.delta_recurrent (feature maps applied
+    by hand, grouped heads expanded), so that the kernels' target is the delta rule itself."""
+    spec = delta_spec(decay, q_map=IdentityMap(), k_map=IdentityMap())
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(1)
+    args = [x.double().cpu() for x in inputs(spec, 2, 9, 2, 1, 5, 3, gen)]
+    state = torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64)
+    o, final = getattr(module, spec.name + "_reference")(*args, initial_state=state, output_final_state=True)
+    q, k, v, *extra, beta = args
+    expand = lambda x: x.repeat_interleave(2, dim=2)  # noqa: E731
+    decay_arg = None if not extra else (extra[0] if decay is Decay.PER_HEAD else expand(extra[0]))
+    o_ref, final_ref = delta_recurrent(q, expand(k), expand(v), expand(beta), decay.value, decay_arg,
+                                       initial_state=state)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, final_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_sequences_with_an_empty_one():
+    cu_seqlens = torch.tensor([0, 5, 5, 23, 40], dtype=torch.int32)
+    check_against_reference(delta_spec(Decay.PER_TOKEN), B=1, T=40, H=2, H_kv=2, D=16, E=16, cu_seqlens=cu_seqlens)
+
+
+def test_transforms_gate_and_beta_and_maps():
+    logsigmoid = -sympy.log(1 + sympy.exp(-X))
+    spec = delta_spec(Decay.PER_TOKEN, name="gated", gate=logsigmoid, beta=1 / (1 + sympy.exp(-X)),
+                      q_map=ElementwiseMap(X * X / 4), k_map=L2, chunk=32)
+    check_against_reference(spec, B=1, T=40, H=1, H_kv=1, D=16, E=16, with_state=False)
+
+
+@pytest.mark.parametrize("decay", [Decay.PER_TOKEN, Decay.PER_CHANNEL], ids=lambda d: d.value)
+def test_strong_decays_stay_accurate(decay):
+    # A third of the log decays at -30: the pair factors underflow, nothing overflows, and the
+    # exponents summed from their own tokens keep fp32 accuracy.
+    check_against_reference(delta_spec(decay), B=1, T=33, H=1, H_kv=1, D=16, E=16, strong=True, seed=3)
+
+
+def test_bf16_inputs():
+    check_against_reference(delta_spec(Decay.PER_HEAD), B=1, T=20, H=2, H_kv=1, D=16, E=16, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=lambda d: d.value)
+def test_decoding_steps_continue_the_sequence(decay):
+    """NAME over a prompt, then NAME_step token by token, equals NAME over the whole sequence."""
+    spec = delta_spec(decay)
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, H_kv, D, E, prompt = 2, 20, 2, 1, 16, 20, 17
+    q, k, v, *extra, beta = inputs(spec, B, T, H, H_kv, D, E, gen)
+    fn, step = getattr(module, spec.name), getattr(module, spec.name + "_step")
+    o_all, final_all = fn(q, k, v, *extra, beta, output_final_state=True)
+    token_decay = lambda t: [] if not extra else ([extra[0]] if decay is Decay.PER_HEAD else [extra[0][:, t]])  # noqa: E731
+    _, state = fn(q[:, :prompt], k[:, :prompt], v[:, :prompt], *[x[:, :prompt] for x in extra if x.dim() > 1],
+                  *[x for x in extra if x.dim() == 1], beta[:, :prompt], output_final_state=True)
+    for t in range(prompt, T):
+        o_t, state = step(q[:, t], k[:, t], v[:, t], state, *token_decay(t), beta[:, t])
+        torch.testing.assert_close(o_t, o_all[:, t], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(state, final_all, rtol=2e-5, atol=2e-5)
+
+
+def test_no_tokens_and_missing_beta():
+    spec = delta_spec(Decay.PER_TOKEN)
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, g, beta = inputs(spec, 2, 0, 2, 2, 16, 16, gen)
+    state = torch.randn(2, 2, 16, 16, generator=gen).to(DEVICE)
+    o, final = module.delta(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    assert o.shape == (2, 0, 2, 16)
+    torch.testing.assert_close(final, state)
+    with pytest.raises(ValueError, match="needs beta"):
+        module.delta(q, k, v, g)
+    with pytest.raises(ValueError, match="beta must have shape"):
+        module.delta(q, k, v, g, beta[:, :, :1])
