@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attncc import expr as ex
-from attncc.ir import AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind, X
+from attncc.ir import AttentionSpec, Decay, ElementwiseMap, RowMap, RowMapKind, UpdateRule, X
 from attncc.loader import import_path
 from attncc.render import render_module
 
@@ -21,6 +21,12 @@ SPECS = {
                                k_map=RowMap(RowMapKind.L2NORM)),
     "normalized": AttentionSpec("sp_norm", q_map=ElementwiseMap(ex.elu(X) + 1),
                                 k_map=ElementwiseMap(ex.elu(X) + 1), normalize=True, chunk=16),
+    # The delta rule: each rank's D x D transition is gathered with its state.
+    "delta_per_token": AttentionSpec("sp_delta_token", decay=Decay.PER_TOKEN, gate=-ex.softplus(X), chunk=16,
+                                     q_map=RowMap(RowMapKind.L2NORM), k_map=RowMap(RowMapKind.L2NORM),
+                                     update=UpdateRule.DELTA, beta=ex.sigmoid(X)),
+    "delta_per_channel": AttentionSpec("sp_delta_channel", decay=Decay.PER_CHANNEL, gate=ex.logsigmoid(X) / 16,
+                                       chunk=16, k_map=RowMap(RowMapKind.L2NORM), update=UpdateRule.DELTA),
 }
 B, T, H, H_KV, D, E = 1, 37, 2, 1, 16, 16
 
@@ -38,11 +44,18 @@ def _inputs(kind: str):
         decay = torch.randn(B, T, H_KV, generator=gen)
     elif kind == "per_channel":
         decay = torch.randn(B, T, H_KV, D, generator=gen)
+    elif kind == "delta_per_token":
+        decay = torch.randn(B, T, H_KV, generator=gen)
+    elif kind == "delta_per_channel":
+        decay = torch.randn(B, T, H_KV, D, generator=gen)
     e_state = E + 1 if kind == "normalized" else E
     initial = torch.randn(B, H, D, e_state, generator=gen)
     do = torch.randn(B, T, H, E, generator=gen)
     dstate = torch.randn(B, H, D, e_state, generator=gen)
-    return q, k, v, decay, initial, do, dstate
+    beta = None
+    if kind.startswith("delta"):  # a raw input for a sigmoid, or β in (0, 1) as given
+        beta = torch.randn(B, T, H_KV, generator=gen) if SPECS[kind].beta is not None else torch.rand(B, T, H_KV, generator=gen)
+    return q, k, v, decay, beta, initial, do, dstate
 
 
 def _bounds(world: int) -> list[int]:
@@ -59,11 +72,13 @@ def _worker(rank, world, init_file, module_path, kind, out_dir):
     try:
         spec = SPECS[kind]
         module = import_path(module_path, f"sp_worker_{kind}")
-        q, k, v, decay, initial, do, dstate = _inputs(kind)
+        q, k, v, decay, beta, initial, do, dstate = _inputs(kind)
         lo, hi = _bounds(world)[rank], _bounds(world)[rank + 1]
         local = [x[:, lo:hi].clone().requires_grad_() for x in (q, k, v)]
         if decay is not None:
             local.append((decay.clone() if decay.dim() == 1 else decay[:, lo:hi].clone()).requires_grad_())
+        if beta is not None:
+            local.append(beta[:, lo:hi].clone().requires_grad_())
         init = initial.clone().requires_grad_()
         # Only rank 0 asks for the final state (it is replicated: its loss counts once);
         # the other ranks' graphs then reach just part of the gathered states.
@@ -80,7 +95,8 @@ def _worker(rank, world, init_file, module_path, kind, out_dir):
 
 @pytest.mark.parametrize(
     "kind, world",
-    [("per_head", 2), ("per_channel", 2), ("per_token", 2), ("normalized", 2), ("per_head", 4), ("per_channel", 4)],
+    [("per_head", 2), ("per_channel", 2), ("per_token", 2), ("normalized", 2), ("per_head", 4), ("per_channel", 4),
+     ("delta_per_token", 2), ("delta_per_channel", 2), ("delta_per_token", 4)],
 )
 def test_sequence_parallel_equals_one_process(kind, world, tmp_path):
     spec = SPECS[kind]
@@ -97,8 +113,8 @@ def test_sequence_parallel_equals_one_process(kind, world, tmp_path):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     module = import_path(path, f"sp_single_{kind}_{world}")
-    q, k, v, decay, initial, do, dstate = _inputs(kind)
-    whole = [x.clone().requires_grad_() for x in (q, k, v)] + ([decay.clone().requires_grad_()] if decay is not None else [])
+    q, k, v, decay, beta, initial, do, dstate = _inputs(kind)
+    whole = [x.clone().requires_grad_() for x in (q, k, v, decay, beta) if x is not None]
     init = initial.clone().requires_grad_()
     o, state = getattr(module, spec.name)(*whole, initial_state=init, output_final_state=True)
     ((o * do).sum() + (state * dstate).sum()).backward()
