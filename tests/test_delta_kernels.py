@@ -48,8 +48,9 @@ def inputs(spec, B, T, H, H_kv, D, E, gen, dtype=torch.float32, strong=False):
     elif spec.decay.data_dependent:
         shape = (B, T, H_kv, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H_kv)
         g = -torch.rand(shape, generator=gen)
-        if strong:
-            g = torch.where(torch.rand(shape, generator=gen) < 0.35, torch.full_like(g, -30.0), g)
+        if strong:  # True: log decays of -30; "reset": -inf, a decay of exactly 0
+            value = float("-inf") if strong == "reset" else -30.0
+            g = torch.where(torch.rand(shape, generator=gen) < 0.35, torch.full_like(g, value), g)
         if spec.gate is not None:  # the gate below is logsigmoid: feed its inverse
             g = g - torch.log(-torch.expm1(g.clamp(max=-1e-4)))
         extra = [g]
@@ -136,6 +137,20 @@ def test_strong_decays_stay_accurate(decay):
     check_against_reference(delta_spec(decay), B=1, T=33, H=1, H_kv=1, D=16, E=16, strong=True, seed=3)
 
 
+@pytest.mark.parametrize("decay", [Decay.PER_TOKEN, Decay.PER_CHANNEL], ids=lambda d: d.value)
+def test_a_zero_decay_resets_the_state(decay):
+    # Log decays of -inf (raised to the floor, -100: the state is wiped) among ordinary ones:
+    # outputs, states and gradients finite and equal to the float64 reference's; the outputs
+    # also equal the IEEE recurrence, where exp(-inf) = 0 exactly.
+    spec = delta_spec(decay, q_map=IdentityMap(), k_map=L2)
+    o_ref, _, ref_leaves = check_against_reference(spec, B=1, T=33, H=1, H_kv=1, D=16, E=16, strong="reset",
+                                                   seed=8, with_state=False)
+    q, k, v, g, beta = (x.detach() for x in ref_leaves)
+    l2 = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    o_hand, _ = ieee_recurrence(q, l2, v, beta, g, 1 / 4)
+    assert torch.isfinite(o_ref).all() and rel_error(o_ref, o_hand) < 1e-10
+
+
 def test_bf16_inputs():
     check_against_reference(delta_spec(Decay.PER_HEAD), B=1, T=20, H=2, H_kv=1, D=16, E=16, dtype=torch.bfloat16)
 
@@ -172,3 +187,44 @@ def test_no_tokens_and_missing_beta():
         module.delta(q, k, v, g)
     with pytest.raises(ValueError, match="beta must have shape"):
         module.delta(q, k, v, g, beta[:, :, :1])
+
+
+def ieee_recurrence(q, k, v, beta, g, scale):
+    """The delta rule token by token in float64 IEEE arithmetic, written here (feature maps
+    applied by the caller; one head per key/value head): NaN and inf propagate as they do."""
+    B, T, H, D = q.shape
+    state = torch.zeros(B, H, D, v.shape[-1], dtype=torch.float64)
+    outputs = []
+    for t in range(T):
+        if g is not None:
+            state = state * (g[:, t].exp()[..., None] if g.dim() == 4 else g[:, t].exp()[..., None, None])
+        correction = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhd,bhde->bhe", k[:, t], state))
+        state = state + k[:, t, :, :, None] * correction[..., None, :]
+        outputs.append(scale * torch.einsum("bhd,bhde->bhe", q[:, t], state))
+    return torch.stack(outputs, dim=1), state
+
+
+@pytest.mark.parametrize("decay", [Decay.PER_TOKEN, Decay.PER_CHANNEL], ids=lambda d: d.value)
+@pytest.mark.parametrize("where, value, token", [("k", float("nan"), 21), ("v", float("inf"), 17),
+                                                 ("beta", float("nan"), 30), ("v", float("nan"), 0)])
+def test_a_nonfinite_input_reaches_later_tokens_only(decay, where, value, token):
+    """A NaN or inf in token t's key, value or β leaves every earlier output (and the other
+    sequence) exact, and the outputs it reaches non-finite in the same places as the IEEE
+    recurrence: all value columns for a key or β, its own column for a value."""
+    spec = delta_spec(decay, q_map=IdentityMap(), k_map=IdentityMap(), scale=sympy.Rational(1, 2))
+    module = module_for(spec)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, g, beta = (x.double().cpu() for x in inputs(spec, 2, 33, 1, 1, 16, 16, gen))
+    k, v = k / 4, v  # keys of norm ~1: β‖k‖² <= 2, a bounded recurrence
+    target = {"k": k, "v": v, "beta": beta}[where]
+    if where == "beta":
+        target[1, token, 0] = value
+    else:
+        target[1, token, 0, 3] = value
+    o_hand, _ = ieee_recurrence(q, k, v, beta, g, 0.5)
+    o, _ = module.delta(*(x.float().to(DEVICE) for x in (q, k, v, g, beta)), output_final_state=True)
+    o = o.double().cpu()
+    assert torch.isfinite(o[0]).all() and torch.isfinite(o[1, :token]).all(), "reached earlier tokens"
+    finite = torch.isfinite(o_hand)
+    assert (torch.isfinite(o) == finite).all(), "non-finite in other places than the recurrence"
+    assert rel_error(o[finite], o_hand[finite]) < 2e-5
