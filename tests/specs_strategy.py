@@ -6,7 +6,16 @@ import sympy
 from hypothesis import strategies as st
 
 from attncc import expr as ex
-from attncc.ir import AttentionSpec, Decay, ElementwiseMap, IdentityMap, RowMap, RowMapKind, X
+from attncc.ir import (
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    IdentityMap,
+    RowMap,
+    RowMapKind,
+    UpdateRule,
+    X,
+)
 
 # Maps whose output is positive: the only ones a normalized spec may use.
 POSITIVE_MAPS = [
@@ -44,6 +53,19 @@ def attention_specs(draw, name="spec"):
     return AttentionSpec(
         name=name, q_map=q_map, k_map=k_map, decay=decay, gate=gate, causal=causal,
         chunk=chunk, scale=scale, normalize=normalize,
+    )
+
+
+@st.composite
+def delta_specs(draw, name="delta_spec"):
+    """Specs of the delta rule (causal, not normalized): any maps, decays, gates, β transforms."""
+    pool = POSITIVE_MAPS + OTHER_MAPS
+    decay = draw(st.sampled_from(list(Decay)))
+    return AttentionSpec(
+        name=name, q_map=draw(st.sampled_from(pool)), k_map=draw(st.sampled_from(pool)), decay=decay,
+        gate=draw(st.sampled_from(GATES)) if decay.data_dependent else None,
+        chunk=draw(st.sampled_from([16, 32])), scale=draw(st.sampled_from([None, sympy.Rational(1, 2)])),
+        update=UpdateRule.DELTA, beta=draw(st.sampled_from([None, ex.sigmoid(X)])),
     )
 
 
