@@ -74,7 +74,7 @@ MAX_PRINTED_SIZE = 20_000
 class Context:
     """Where an expression stands: may it use x, which functions, which bare words."""
 
-    what: str  # "feature map", "gate", "beta", "scale"
+    what: str  # "feature map", "gate", "beta transform", "scale"
     allow_x: bool = True
     functions: tuple[str, ...] = tuple(ex.FUNCTIONS)
     words: tuple[str, ...] = ()  # bare words the key accepts besides expressions
@@ -326,13 +326,14 @@ def _check_update_conflicts(report: Reporter, entries: Entries, values: dict[str
             "drop `causal = false`, or use `update = additive`",
             labels=[("`update` is set here", entries["update"][1])],
         )
-    if "beta" in entries and "update" not in entries:
+    # `beta` as read (None is `beta = x`); a refused beta has its own error already.
+    if "beta" in values and "update" not in entries:
         report.error(
             "`beta` needs `update = delta`, but `update` is `additive` (the default)",
             entries["beta"][0],
             "add `update = delta`",
         )
-    elif "beta" in entries and update is UpdateRule.ADDITIVE:
+    elif "beta" in values and update is UpdateRule.ADDITIVE:
         report.error(
             "`beta` needs `update = delta`, but `update` is `additive`",
             entries["beta"][0],

@@ -313,3 +313,8 @@ def test_describe_shows_the_delta_recurrence_and_the_beta_argument():
 def test_scale_of_a_delta_spec_is_kept():
     spec = parse_spec(block("    update = delta", "    scale = 1/sqrt(64)")).specs[0]
     assert spec.scale == sympy.Rational(1, 8)
+
+
+def test_a_refused_beta_without_delta_is_one_error():
+    d = only_error(block("    beta = sigmoid(y)"))
+    assert d.message == "unknown name `y`"
