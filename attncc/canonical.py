@@ -2,14 +2,23 @@
 
 `to_canonical` writes every key out, in a fixed order, with expressions in
 `attncc.expr.to_text`'s spelling; `q_map`/`k_map` collapse into `feature_map`
-when they are equal. The text parses back to an equal IR, so it serves as the
+when they are equal, and `beta` (valid only with `update = delta`) is written
+for delta-rule blocks only, `x` when β is used as given. The text parses back to an equal IR, so it serves as the
 normalized form `attncc check` prints, and as the stable input of spec hashes.
 """
 
 from __future__ import annotations
 
 from attncc.expr import to_text
-from attncc.ir import AttentionSpec, ElementwiseMap, FeatureMap, IdentityMap, RowMap, SpecFile
+from attncc.ir import (
+    AttentionSpec,
+    ElementwiseMap,
+    FeatureMap,
+    IdentityMap,
+    RowMap,
+    SpecFile,
+    UpdateRule,
+)
 
 _WIDTH = len("feature_map")
 
@@ -31,6 +40,9 @@ def entries(spec: AttentionSpec) -> list[tuple[str, str]]:
         maps = [("feature_map", map_text(spec.q_map))]
     else:
         maps = [("q_map", map_text(spec.q_map)), ("k_map", map_text(spec.k_map))]
+    update = [("update", spec.update.value)]
+    if spec.update is UpdateRule.DELTA:
+        update.append(("beta", "x" if spec.beta is None else to_text(spec.beta)))
     return [
         *maps,
         ("decay", spec.decay.value),
@@ -39,6 +51,7 @@ def entries(spec: AttentionSpec) -> list[tuple[str, str]]:
         ("chunk", "auto" if spec.chunk is None else str(spec.chunk)),
         ("scale", "auto" if spec.scale is None else to_text(spec.scale)),
         ("normalize", "true" if spec.normalize else "false"),
+        *update,
     ]
 
 

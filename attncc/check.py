@@ -4,9 +4,13 @@ Public API:
 
     parse_spec(source, filename="<string>") -> SpecFile
     load_spec_file(path) -> SpecFile
+    check_spec(source, filename="<string>") -> Checked    # the same, with the warnings
+    check_spec_file(path) -> Checked
 
-Both raise `AttnccError` (and nothing else) for bad input, carrying every
+All raise `AttnccError` (and nothing else) for bad input, carrying every
 problem found in the file, each with its span and, where one exists, a hint.
+Warnings (advice about a valid spec, e.g. delta-rule keys that are not unit
+vectors) never refuse a spec; `Checked` carries them for the command line.
 
 This module walks a file: blocks, their keys, each key's value. What is valid
 (the keys, their words, the limits, the conflicts) is `attncc.rules`; how an
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import lark
 import mpmath
@@ -44,6 +49,7 @@ from attncc.ir import (
     RowMapKind,
     Span,
     SpecFile,
+    UpdateRule,
     X,
 )
 from attncc.parse import normalize_source, parse_source, read_spec_source, token_span
@@ -68,6 +74,7 @@ from attncc.rules import (  # re-exported: the language's values, as other modul
     ROW_MAPS,
     SCALE_FUNCTIONS,
     SHARED_NAMES,
+    UPDATES,
     generated_names,
     in_namespace,
 )
@@ -92,6 +99,10 @@ __all__ = [
     "ROW_MAPS",
     "SCALE_FUNCTIONS",
     "SHARED_NAMES",
+    "UPDATES",
+    "Checked",
+    "check_spec",
+    "check_spec_file",
     "generated_names",
     "in_namespace",
     "load_spec_file",
@@ -120,6 +131,8 @@ class _Checker:
             "chunk": lambda value: rules.value_chunk(self.report, value),
             "scale": self.scale,
             "normalize": lambda value: rules.value_boolean(self.report, value, "normalize"),
+            "update": lambda value: rules.value_update(self.report, value),
+            "beta": self.beta,
         }
         assert tuple(self.values) == KEYS
 
@@ -170,6 +183,8 @@ class _Checker:
             chunk=values.get("chunk"),
             scale=values.get("scale"),
             normalize=values.get("normalize", False),
+            update=values.get("update", UpdateRule.ADDITIVE),
+            beta=values.get("beta"),
             span=token_span(name_tok, self.report.filename),
         )
 
@@ -221,6 +236,20 @@ class _Checker:
         gate = self.elementwise(value, rules.GATE)
         return None if gate == X else gate  # g = x is no transform at all
 
+    def beta(self, value: lark.Tree) -> sympy.Expr | None:
+        if rules.is_name(value) and str(value.children[0]) == "none":
+            # `none` could mean "no transform" or "no β at all" (β = 1): neither is spelled so.
+            self.report.error(
+                "`beta` must be an expression in `x`, not `none`",
+                value,
+                "write `beta = x` to use the beta input as given, or e.g. `beta = sigmoid(x)`",
+            )
+            raise Refused
+        if rules.is_name(value) and str(value.children[0]) == "x":
+            return None
+        beta = self.elementwise(value, rules.BETA)
+        return None if beta == X else beta  # β = x is no transform at all
+
     def elementwise(self, value: lark.Tree, context: rules.Context) -> sympy.Expr:
         result = self.builder.expression(value, context).expr
         rules.check_elementwise(self.report, value, result, context)
@@ -232,6 +261,19 @@ class _Checker:
 # Public API
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A checked file with the warnings its check found (advice; the spec is valid)."""
+
+    spec_file: SpecFile
+    warnings: tuple[Diagnostic, ...]
+    source: str  # the text as checked, for rendering the warnings' snippets
+
+    def render_warnings(self) -> str:
+        """The warnings as shown to a user ("" when there are none)."""
+        return "\n\n".join(w.render(self.source) for w in self.warnings)
+
+
 def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
     """Parse and check spec text; raise AttnccError listing every problem found.
 
@@ -240,11 +282,20 @@ def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
     """
     if not isinstance(source, str):
         raise TypeError(f"parse_spec expects the spec text as str, got {type(source).__name__}")
+    return check_spec(source, filename).spec_file
+
+
+def check_spec(source: str, filename: str = "<string>") -> Checked:
+    """`parse_spec`, keeping the warnings the check found beside the spec file."""
+    if not isinstance(source, str):
+        raise TypeError(f"check_spec expects the spec text as str, got {type(source).__name__}")
     source = normalize_source(source)
     checker = _Checker(source, filename)
     try:
         with mpmath.workdps(PRECISION):
-            return checker.check_file()
+            spec_file = checker.check_file()
+        warnings = tuple(checker.report.sorted(checker.report.warnings))
+        return Checked(spec_file, warnings, source)
     except RecursionError:  # pragma: no cover - the limits of parse.py keep trees shallow
         checker.report.diagnostics.append(
             Diagnostic("the spec is nested too deeply to process", Span(filename, 1, 1, 1, 2))
@@ -254,4 +305,9 @@ def parse_spec(source: str, filename: str = "<string>") -> SpecFile:
 
 def load_spec_file(path: str | os.PathLike) -> SpecFile:
     """Read and check a spec file; raise AttnccError if it cannot be read or is wrong."""
-    return parse_spec(read_spec_source(path), os.fspath(path))
+    return check_spec_file(path).spec_file
+
+
+def check_spec_file(path: str | os.PathLike) -> Checked:
+    """`load_spec_file`, keeping the warnings the check found beside the spec file."""
+    return check_spec(read_spec_source(path), os.fspath(path))

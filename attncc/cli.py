@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from attncc._version import __version__
 from attncc.errors import AttnccError, Diagnostic, printable
+
+if TYPE_CHECKING:
+    from attncc.check import Checked
 
 
 def _reporting_errors(command: Callable) -> Callable:
@@ -40,6 +44,14 @@ def _reporting_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _echo_warnings(checked: Checked) -> None:
+    """Print a checked file's warnings (advice; the spec stays valid) on stderr."""
+    if checked.warnings:
+        click.echo(checked.render_warnings(), err=True)
+        count = len(checked.warnings)
+        click.echo(f"attncc: {count} warning{'s' if count != 1 else ''}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="attncc")
 def main() -> None:
@@ -51,10 +63,12 @@ def main() -> None:
 @_reporting_errors
 def check(spec: str) -> None:
     """Parse and validate SPEC; print each block's normalized text, math and signature."""
-    from attncc.check import load_spec_file
+    from attncc.check import check_spec_file
     from attncc.describe import describe
 
-    spec_file = load_spec_file(spec)
+    checked = check_spec_file(spec)
+    _echo_warnings(checked)
+    spec_file = checked.spec_file
     click.echo("\n".join(describe(s) for s in spec_file.specs), nl=False)
 
 
@@ -64,8 +78,12 @@ def check(spec: str) -> None:
 @_reporting_errors
 def compile_command(spec: str, output: str) -> None:
     """Generate one self-contained Python module (Triton kernels, autograd, reference) from SPEC."""
+    from attncc.check import check_spec_file
     from attncc.compiler import compile_file
 
+    # A first, cheap check for the warnings (compile_file keeps none); errors raise here
+    # exactly as compile_file would raise them.
+    _echo_warnings(check_spec_file(spec))
     source = compile_file(spec)
     if output == "-":
         click.echo(source, nl=False)

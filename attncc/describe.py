@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from attncc.canonical import map_text, to_canonical
 from attncc.expr import to_text
-from attncc.ir import AttentionSpec, Decay, ElementwiseMap, FeatureMap, IdentityMap, RowMap
+from attncc.ir import (
+    AttentionSpec,
+    Decay,
+    ElementwiseMap,
+    FeatureMap,
+    IdentityMap,
+    RowMap,
+    UpdateRule,
+)
 
 _ROW_MAP_MATH = {
     "l2norm": "x / sqrt(Σ_i x_i² + eps)   (row-wise, over the D entries of one head)",
@@ -41,13 +49,16 @@ def summary(spec: AttentionSpec) -> str:
         maps = map_text(spec.q_map)
     else:
         maps = f"q: {map_text(spec.q_map)}, k: {map_text(spec.k_map)}"
+    delta = spec.update is UpdateRule.DELTA
     parts = [
         "causal" if spec.causal else "non-causal",
-        f"linear attention, {_DECAY_SUMMARY[spec.decay]}",
+        f"{'delta-rule ' if delta else ''}linear attention, {_DECAY_SUMMARY[spec.decay]}",
         f"feature map {maps}",
     ]
     if spec.gate is not None:
         parts.append(f"gate {to_text(spec.gate)}")
+    if delta:
+        parts.append("beta as given" if spec.beta is None else f"beta {to_text(spec.beta)}")
     if spec.normalize:
         parts.append("normalized")
     return ", ".join(parts) + "."
@@ -88,6 +99,13 @@ def _recurrence(spec: AttentionSpec) -> list[str]:
         Decay.PER_TOKEN: "exp(g_t) ",
         Decay.PER_CHANNEL: "exp(g_t) ⊙ ",
     }[spec.decay]
+    if spec.update is UpdateRule.DELTA:
+        # The delta rule: decay first, then correct the state's prediction for k_t towards v_t.
+        return [
+            f"    S'_t = {factor}S_{{t-1}}",
+            f"    S_t  = S'_t + β_t {phi_k} (v_t − S'_tᵀ {phi_k})ᵀ",
+            f"    o_t  = scale · {phi_q} S_t",
+        ]
     lines = [f"    S_t = {factor}S_{{t-1}} + {phi_k}ᵀ v_t"]
     if spec.normalize:
         lines += [
@@ -121,13 +139,24 @@ def _where(spec: AttentionSpec) -> list[str]:
             lines.append(
                 f"          ({what}; f is applied elementwise inside the kernel, g ≤ 0 expected)"
             )
+    if spec.update is UpdateRule.DELTA:
+        if spec.beta is None:
+            lines.append("    β_t = beta[b, t, h]   (one learning rate per token, as given)")
+        else:
+            lines.append(f"    β_t = f(beta[b, t, h]),  f(x) = {to_text(spec.beta)}")
+            lines.append("          (one learning rate per token; f is applied inside the kernel)")
     if spec.scale is None:
         lines.append("    scale = 1/sqrt(D)   (auto; the `scale=` argument overrides it)")
     else:
         lines.append(f"    scale = {to_text(spec.scale)}   (the `scale=` argument overrides it)")
     if spec.normalize:
         lines.append("    eps: a small constant that keeps the division finite")
-    shared = "k_t, v_t and g_t" if spec.decay.data_dependent else "k_t and v_t"
+    per_kv_head = ["k_t", "v_t"]
+    if spec.decay.data_dependent:
+        per_kv_head.append("g_t")
+    if spec.update is UpdateRule.DELTA:
+        per_kv_head.append("β_t")
+    shared = ", ".join(per_kv_head[:-1]) + " and " + per_kv_head[-1]
     lines.append(f"    {shared} of head h come from kv head h // (H / H_kv)   (grouped heads)")
     return lines
 
@@ -148,6 +177,9 @@ def _inputs(spec: AttentionSpec) -> list[str]:
     elif spec.decay is Decay.PER_CHANNEL:
         what = "raw gate input, g = f(gate_input)" if spec.gate is not None else "log decay, ≤ 0"
         rows.append((name, "[B, T, H_kv, D]", what))
+    if spec.update is UpdateRule.DELTA:
+        what = "raw beta input, β = f(beta)" if spec.beta is not None else "β, the learning rate"
+        rows.append(("beta", "[B, T, H_kv]", what))
     lines = [f"    {n:<12}{shape:<18}{what}" for n, shape, what in rows]
     lines.append("  keyword arguments:")
     kw = [
@@ -184,6 +216,8 @@ def signature(spec: AttentionSpec) -> str:
     args = ["q", "k", "v"]
     if decay_input(spec):
         args.append(decay_input(spec))
+    if spec.update is UpdateRule.DELTA:
+        args.append("beta")
     args.append("*, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None")
     return f"o, final_state = {spec.name}({', '.join(args)})"
 

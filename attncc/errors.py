@@ -111,12 +111,14 @@ class Diagnostic:
     hint: str | None = None
     notes: tuple[Note, ...] = ()
     labels: tuple[Label, ...] = ()  # related places shown in this diagnostic's snippet
+    # "error" refuses the spec; "warning" is advice shown beside a spec that still compiles.
+    severity: str = "error"
 
     def render(self, source: str | None = None, lines: list[str] | None = None) -> str:
         """The diagnostic as shown to a user; `lines` may pass the source already split."""
         if lines is None and source is not None:
             lines = _source_lines(source)
-        out = [_head(self.span, "error", self.message)]
+        out = [_head(self.span, self.severity, self.message)]
         if self.span is not None and lines is not None:
             out += _snippet(self.span, lines, self.labels)
         for note in self.notes:

@@ -27,6 +27,9 @@ class Reporter:
         self.source = source
         self.filename = filename
         self.diagnostics: list[Diagnostic] = []
+        # Advice that does not refuse the spec (severity "warning"), kept apart so that
+        # `diagnostics` stays the list of errors.
+        self.warnings: list[Diagnostic] = []
 
     def span(self, where: Where) -> Span:
         return where if isinstance(where, Span) else node_span(where, self.filename)
@@ -51,6 +54,24 @@ class Reporter:
             )
         )
 
+    def warn(
+        self,
+        message: str,
+        where: Where,
+        hint: str | None = None,
+        labels: Sequence[tuple[str, Where]] = (),
+    ) -> None:
+        """Record one warning: shown to the user, but the spec stays valid."""
+        self.warnings.append(
+            Diagnostic(
+                message,
+                self.span(where),
+                hint,
+                labels=tuple(Label(text, self.span(place)) for text, place in labels),
+                severity="warning",
+            )
+        )
+
     def text(self, node: lark.Tree | lark.Token, limit: int = 40) -> str:
         """The node's source text on one line, cut to `limit` characters: for messages."""
         if isinstance(node, lark.Token):
@@ -59,10 +80,11 @@ class Reporter:
             start, end = node.meta.start_pos, node.meta.end_pos
         return shorten(" ".join(self.source[start:end].split()), limit)
 
-    def sorted(self) -> list[Diagnostic]:
-        """The diagnostics in file order (those without a place first)."""
+    def sorted(self, which: list[Diagnostic] | None = None) -> list[Diagnostic]:
+        """The diagnostics (or `which`, e.g. the warnings) in file order, those without a
+        place first."""
 
         def key(d: Diagnostic):
             return (0, 0, 0) if d.span is None else (1, d.span.line, d.span.column)
 
-        return sorted(self.diagnostics, key=key)
+        return sorted(self.diagnostics if which is None else which, key=key)

@@ -23,15 +23,28 @@ import sympy
 
 from attncc import expr as ex
 from attncc.errors import did_you_mean, join_words, shorten
-from attncc.ir import Decay, RowMapKind, X
+from attncc.ir import Decay, RowMap, RowMapKind, UpdateRule, X
 from attncc.parse import MAX_NESTING
 from attncc.report import Refused, Reporter
 
 # ---------------------------------------------------------------------------
 # The keys and the words they accept
 
-KEYS = ("feature_map", "q_map", "k_map", "decay", "gate", "causal", "chunk", "scale", "normalize")
+KEYS = (
+    "feature_map",
+    "q_map",
+    "k_map",
+    "decay",
+    "gate",
+    "causal",
+    "chunk",
+    "scale",
+    "normalize",
+    "update",
+    "beta",
+)
 DECAYS = tuple(d.value for d in Decay)
+UPDATES = tuple(u.value for u in UpdateRule)
 ROW_MAPS = tuple(k.value for k in RowMapKind)
 MAP_WORDS = ("identity", *ROW_MAPS)
 BOOLEANS = ("true", "false")
@@ -61,7 +74,7 @@ MAX_PRINTED_SIZE = 20_000
 class Context:
     """Where an expression stands: may it use x, which functions, which bare words."""
 
-    what: str  # "feature map", "gate", "scale"
+    what: str  # "feature map", "gate", "beta transform", "scale"
     allow_x: bool = True
     functions: tuple[str, ...] = tuple(ex.FUNCTIONS)
     words: tuple[str, ...] = ()  # bare words the key accepts besides expressions
@@ -69,6 +82,9 @@ class Context:
 
 FEATURE_MAP = Context("feature map", words=MAP_WORDS)
 GATE = Context("gate", words=("none",))
+# The delta rule's β transform: an elementwise expression like a gate (no bare words: `beta = x`
+# is the input as given; `none` would read as "no β" and is refused by check.py).
+BETA = Context("beta transform")
 SCALE = Context("scale", allow_x=False, functions=SCALE_FUNCTIONS, words=("auto",))
 
 # ---------------------------------------------------------------------------
@@ -254,6 +270,7 @@ def check_keys(report: Reporter, entries: list[lark.Tree]) -> Entries:
 
 def check_conflicts(report: Reporter, entries: Entries, values: dict[str, object]) -> None:
     """Keys that are valid alone but not together."""
+    _check_update_conflicts(report, entries, values)
     if "feature_map" in entries:
         for key in ("q_map", "k_map"):
             if key in entries:
@@ -288,6 +305,70 @@ def check_conflicts(report: Reporter, entries: Entries, values: dict[str, object
         )
 
 
+def _check_update_conflicts(report: Reporter, entries: Entries, values: dict[str, object]) -> None:
+    """The delta rule's conflicts (`normalize`, `causal = false`, `beta` without it) and its
+    one warning (keys that are not unit vectors)."""
+    update = values.get("update")
+    delta = update is UpdateRule.DELTA
+    if delta and values.get("normalize") is True:
+        report.error(
+            "`normalize = true` cannot be combined with `update = delta`",
+            entries["normalize"][1],
+            "the delta rule's state has no normalizer: drop `normalize = true`, "
+            "or use `update = additive`",
+            labels=[("`update` is set here", entries["update"][1])],
+        )
+    if delta and values.get("causal") is False:
+        report.error(
+            "`causal = false` cannot be combined with `update = delta`",
+            entries["causal"][1],
+            "the delta rule corrects the state token by token, so it needs an order: "
+            "drop `causal = false`, or use `update = additive`",
+            labels=[("`update` is set here", entries["update"][1])],
+        )
+    # `beta` as read (None is `beta = x`); a refused beta has its own error already.
+    if "beta" in values and "update" not in entries:
+        report.error(
+            "`beta` needs `update = delta`, but `update` is `additive` (the default)",
+            entries["beta"][0],
+            "add `update = delta`",
+        )
+    elif "beta" in values and update is UpdateRule.ADDITIVE:
+        report.error(
+            "`beta` needs `update = delta`, but `update` is `additive`",
+            entries["beta"][0],
+            "use `update = delta`, or drop `beta`",
+            labels=[("`update` is set here", entries["update"][1])],
+        )
+    if delta:
+        _warn_unbounded_keys(report, entries, values)
+
+
+def _warn_unbounded_keys(report: Reporter, entries: Entries, values: dict[str, object]) -> None:
+    """The delta rule's state stays bounded while β‖φk(k)‖² ≤ 2 (I − β k kᵀ is then no
+    expansion); only l2norm keys make ‖φk(k)‖ = 1 whatever the input, so others get advice."""
+    key = "k_map" if "k_map" in entries else "feature_map" if "feature_map" in entries else None
+    k_map = values.get(key) if key is not None else None
+    if key is not None and k_map is None:
+        return  # the map was refused: its error says enough
+    if isinstance(k_map, RowMap) and k_map.kind is RowMapKind.L2NORM:
+        return
+    if key is None:
+        where, shown = entries["update"][1], "the default `k_map = identity`"
+        labels: list[tuple[str, lark.Tree]] = []
+    else:
+        where, shown = entries[key][1], f"`{key} = {report.text(entries[key][1])}`"
+        labels = [("`update` is set here", entries["update"][1])]
+    report.warn(
+        f"`update = delta` with {shown}: the state stays bounded only while "
+        "β‖φ_k(k)‖² ≤ 2 at every token",
+        where,
+        f"`{key or 'k_map'} = l2norm` makes ‖φ_k(k)‖ = 1 (as DeltaNet does), so that a β "
+        "from 0 to 2 keeps the state bounded (`beta = sigmoid(x)` gives 0 to 1)",
+        labels=labels,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Values that are words or plain numbers
 
@@ -312,6 +393,10 @@ def word(report: Reporter, value: lark.Tree, key: str, choices: tuple[str, ...])
 
 def value_decay(report: Reporter, value: lark.Tree) -> Decay:
     return Decay(word(report, value, "decay", DECAYS))
+
+
+def value_update(report: Reporter, value: lark.Tree) -> UpdateRule:
+    return UpdateRule(word(report, value, "update", UPDATES))
 
 
 def value_boolean(report: Reporter, value: lark.Tree, key: str) -> bool:

@@ -21,6 +21,7 @@ from attncc.ir import (
     RowMap,
     RowMapKind,
     SpecFile,
+    UpdateRule,
     X,
 )
 from attncc.rules import namespaces_meet
@@ -152,7 +153,11 @@ names = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,11}", fullmatch=True).filter(
 def attention_specs(draw, name=None):
     name = name or draw(names)
     decay = draw(st.sampled_from(list(Decay)))
-    causal = True if decay is not Decay.NONE else draw(st.booleans())
+    update = draw(st.sampled_from(list(UpdateRule)))
+    delta = update is UpdateRule.DELTA
+    # The delta rule is causal and unnormalized; beta (a transform, or None) is its key only.
+    causal = True if decay is not Decay.NONE or delta else draw(st.booleans())
+    beta = draw(st.one_of(st.none(), elementwise)) if delta else None
     if draw(st.booleans()):
         q_map = k_map = draw(feature_maps)
     else:
@@ -167,7 +172,9 @@ def attention_specs(draw, name=None):
         causal=causal,
         chunk=draw(st.one_of(st.none(), st.sampled_from(CHUNKS))),
         scale=draw(scales),
-        normalize=draw(st.booleans()),
+        normalize=False if delta else draw(st.booleans()),
+        update=update,
+        beta=beta,
     )
 
 
@@ -208,7 +215,8 @@ def test_canonical_spells_out_every_key(spec):
     text = to_canonical(spec)
     keys = [line.split("=")[0].strip() for line in text.splitlines()[1:-1]]
     maps = ["feature_map"] if spec.q_map == spec.k_map else ["q_map", "k_map"]
-    assert keys == [*maps, "decay", "gate", "causal", "chunk", "scale", "normalize"]
+    beta = ["beta"] if spec.update is UpdateRule.DELTA else []
+    assert keys == [*maps, "decay", "gate", "causal", "chunk", "scale", "normalize", "update", *beta]
 
 
 def test_defaults():
@@ -223,6 +231,7 @@ def test_defaults():
         "    chunk       = auto\n"
         "    scale       = auto\n"
         "    normalize   = false\n"
+        "    update      = additive\n"
         "}\n"
     )
 
