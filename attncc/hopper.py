@@ -41,7 +41,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_sta
             signature[arg] = "constexpr"
         elif arg == "scale":
             signature[arg] = "fp32"
-        elif arg in ("cu_seqlens", "segment_starts", "exact_path_ptr"):
+        elif arg in ("cu_seqlens", "segment_starts", "exact_path_ptr", "first_slot_ptr"):
             signature[arg] = "*i32"
         elif arg == "segment_len":
             signature[arg] = "i32"
@@ -87,4 +87,21 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     if plan.per_channel:  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
                     for label, name, constexprs in kernels if "state only" not in label]
+    return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
+
+
+def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
+    """(label, kernel, constexprs) for the delta rule's forward (with and without the chunk
+    states a backward pass needs), its two backward kernels and its decoding step."""
+    common = {"H": 4, "HKV": 4, "D": D, "E": E, "CHUNK": config["chunk"], "BLOCK_D": module._block(D),
+              "BLOCK_E": min(module._block(E), config["block_e"]), "PER_CHANNEL": plan.per_channel,
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    kernels = [
+        ("fwd", "fwd_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True, STORE_CHUNK_STATES=False)),
+        ("fwd (chunk states)", "fwd_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False,
+                                                  STORE_CHUNK_STATES=True)),
+        ("bwd state sweep", "bwd_state_kernel", dict(common, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True)),
+        ("bwd chunks", "bwd_chunk_kernel", dict(common, STORE_DDECAY=plan.has_decay)),
+        ("step", "step_kernel", {key: common[key] for key in ("H", "HKV", "D", "E", "BLOCK_D", "BLOCK_E")}),
+    ]
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
