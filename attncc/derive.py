@@ -64,6 +64,13 @@ LAUNCH_DEFAULTS = {
 }
 
 
+# The delta rule's kernels (any decay): 8 warps, since its chunk kernels hold several
+# [chunk, D] fp32 tiles and the [chunk, chunk] UT transform (ptxas reports for sm_90a:
+# 4 warps spill); one pipeline stage. Not tuned on a GPU yet.
+DELTA_LAUNCH_DEFAULTS = LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=False, num_warps=8,
+                                       bwd_num_warps=8, num_stages=1, bwd_num_stages=1)
+
+
 @dataclass(frozen=True)
 class DecayArgument:
     """The call-time argument that carries the decay: what the generated checks,
@@ -238,7 +245,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         grad, used_grad = ex.to_triton(ex.derivative(spec.beta))
         helpers |= used | used_grad
         beta = GatePlan(body, grad, ex.to_torch(spec.beta), ex.to_text(spec.beta))
-    defaults = LAUNCH_DEFAULTS[spec.decay]
+    defaults = DELTA_LAUNCH_DEFAULTS if spec.update is UpdateRule.DELTA else LAUNCH_DEFAULTS[spec.decay]
     return KernelPlan(
         name=spec.name,
         update=spec.update,

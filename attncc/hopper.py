@@ -91,15 +91,15 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
 
 
 def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
-    """(label, kernel, constexprs) for the delta rule's forward (with and without the chunk
-    states a backward pass needs), its two backward kernels and its decoding step."""
+    """(label, kernel, constexprs) for the delta rule's three forward kernels, its two
+    backward kernels and its decoding step."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "CHUNK": config["chunk"], "BLOCK_D": module._block(D),
               "BLOCK_E": min(module._block(E), config["block_e"]), "PER_CHANNEL": plan.per_channel,
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     kernels = [
-        ("fwd", "fwd_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True, STORE_CHUNK_STATES=False)),
-        ("fwd (chunk states)", "fwd_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False,
-                                                  STORE_CHUNK_STATES=True)),
+        ("fwd wy", "wy_kernel", common),
+        ("fwd state sweep", "state_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
+        ("fwd output", "output_kernel", dict(common, STORE_SCORES=True)),
         ("bwd state sweep", "bwd_state_kernel", dict(common, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True)),
         ("bwd chunks", "bwd_chunk_kernel", dict(common, STORE_DDECAY=plan.has_decay)),
         ("step", "step_kernel", {key: common[key] for key in ("H", "HKV", "D", "E", "BLOCK_D", "BLOCK_E")}),

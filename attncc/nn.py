@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attncc.errors import did_you_mean
-from attncc.ir import AttentionSpec, Decay
+from attncc.ir import AttentionSpec, Decay, UpdateRule
 
 __all__ = ["LinearAttention", "alibi_slopes"]
 
@@ -114,6 +114,9 @@ class LinearAttention(torch.nn.Module):
             g = logsigmoid(decay_proj(x)); its bias starts at per-head decays
             exp(g) = exp(-2^(-8 i / H_kv)) so that the heads remember over different ranges.
         The decay input is computed in float32, also under autocast.
+    With `update = delta` also `beta_proj` (hidden -> H_kv, with bias): its raw output goes
+    to the kernel if the spec has a `beta` transform, else β = sigmoid(beta_proj(x)) in
+    (0, 1) (with l2norm keys the recurrence then stays bounded). Also float32.
 
     `forward(x, state=None, cu_seqlens=None, use_cache=False) -> (y, new_state)`, see there.
     """
@@ -182,6 +185,9 @@ class LinearAttention(torch.nn.Module):
             width = num_kv_heads * (head_dim if ir.decay is Decay.PER_CHANNEL else 1)
             self.decay_proj = torch.nn.Linear(hidden_size, width, bias=True, **factory)
             self._init_decay_bias()
+        self.beta_proj: torch.nn.Linear | None = None
+        if ir.update is UpdateRule.DELTA:
+            self.beta_proj = torch.nn.Linear(hidden_size, num_kv_heads, bias=True, **factory)
 
     @torch.no_grad()
     def _init_decay_bias(self) -> None:
@@ -219,6 +225,14 @@ class LinearAttention(torch.nn.Module):
         if self.spec.decay is Decay.PER_CHANNEL:
             return z.view(B, T, self.num_kv_heads, self.head_dim)
         return z
+
+    def beta_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The delta rule's beta input [B, T, H_kv] (float32), or None for additive specs."""
+        if self.beta_proj is None:
+            return None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = F.linear(x.float(), self.beta_proj.weight.float(), self.beta_proj.bias.float())
+        return z if self.spec.beta is not None else torch.sigmoid(z)
 
     def forward(
         self,
@@ -260,6 +274,7 @@ class LinearAttention(torch.nn.Module):
             # error): run the kernels in float32 there, and hand o back in bfloat16.
             q, k, v = q.float(), k.float(), v.float()
         decay = self.decay_input(x)
+        beta = self.beta_input(x)
         keep_state = use_cache or state is not None
 
         if (
@@ -272,11 +287,13 @@ class LinearAttention(torch.nn.Module):
             extra = ()
             if decay is not None:
                 extra = (decay,) if self.log_slope is not None else (decay[:, 0],)
+            if beta is not None:
+                extra += (beta[:, 0],)
             o_t, new_state = self._step(q[:, 0], k[:, 0], v[:, 0], state, *extra)
             o = o_t[:, None]
         else:
             attention = self._attention if self.backend == "kernel" else self._reference
-            extra = () if decay is None else (decay,)
+            extra = tuple(x for x in (decay, beta) if x is not None)
             o, new_state = attention(
                 q, k, v, *extra, initial_state=state, output_final_state=keep_state,
                 cu_seqlens=cu_seqlens,
@@ -300,6 +317,8 @@ class LinearAttention(torch.nn.Module):
         ]
         if s.gate is not None:
             parts.append(f"gate={s.gate}")
+        if s.update is UpdateRule.DELTA:
+            parts.append("update=delta" + (f", beta={s.beta}" if s.beta is not None else ""))
         if s.normalize:
             parts.append("normalize=True")
         if not s.causal:

@@ -335,3 +335,46 @@ def test_bf16_module_on_cpu(spec_dir):
     assert y.dtype == torch.bfloat16 and y_t.dtype == torch.bfloat16
     _close(y.float(), y32, rtol=5e-2)
     _close(state, s32, rtol=5e-2)
+
+
+def test_delta_rule_layer_matches_float64_recurrence_and_decodes(spec_dir):
+    """A Gated DeltaNet layer (examples/delta/gated_deltanet.attn: l2norm maps, gate
+    -softplus, beta sigmoid): the output against the delta rule written out here in float64
+    from the layer's weights; then decoding token by token continues the sequence; every
+    parameter (beta_proj included) gets a gradient."""
+    torch.manual_seed(3)
+    layer = LinearAttention(EXAMPLES / "delta" / "gated_deltanet.attn", HIDDEN, num_heads=H, num_kv_heads=H_KV,
+                            head_dim=D, value_dim=E)
+    x = torch.randn(2, 9, HIDDEN)
+    y, state = layer(x, use_cache=True)
+
+    w = lambda proj: proj.weight.double().T  # noqa: E731
+    xd = x.double()
+    l2 = lambda t: t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    group = H // H_KV
+    q = l2((xd @ w(layer.q_proj)).view(2, 9, H, D))
+    k = l2((xd @ w(layer.k_proj)).view(2, 9, H_KV, D)).repeat_interleave(group, 2)
+    v = (xd @ w(layer.v_proj)).view(2, 9, H_KV, E).repeat_interleave(group, 2)
+    g = -F.softplus(xd @ w(layer.decay_proj) + layer.decay_proj.bias.double()).repeat_interleave(group, 2)
+    beta = torch.sigmoid(xd @ w(layer.beta_proj) + layer.beta_proj.bias.double()).repeat_interleave(group, 2)
+    S = torch.zeros(2, H, D, E, dtype=torch.float64)
+    outputs = []
+    for t in range(9):
+        S = g[:, t].exp()[..., None, None] * S
+        correction = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhd,bhde->bhe", k[:, t], S))
+        S = S + k[:, t, :, :, None] * correction[..., None, :]
+        outputs.append(torch.einsum("bhd,bhde->bhe", q[:, t], S) / math.sqrt(D))
+    expected = torch.stack(outputs, 1).reshape(2, 9, H * E) @ w(layer.o_proj)
+    _close(y, expected)
+    _close(state, S)
+
+    with torch.no_grad():
+        _, prefix_state = layer(x[:, :6], use_cache=True)
+        for t in range(6, 9):
+            y_t, prefix_state = layer(x[:, t : t + 1], state=prefix_state)
+            _close(y_t[:, 0], y[:, t])
+    _close(prefix_state, state)
+
+    y.square().sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
