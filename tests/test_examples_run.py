@@ -11,11 +11,13 @@ from kernelkit import DEVICE, rel_error
 
 from attncc.check import load_spec_file
 from attncc.compiler import compile_file
-from attncc.ir import Decay
+from attncc.ir import Decay, UpdateRule
 from attncc.loader import import_path
 
 REPO = Path(__file__).resolve().parent.parent
-BLOCKS = [(path, spec) for path in sorted((REPO / "examples").glob("*.attn")) for spec in load_spec_file(path).specs]
+# examples/*.attn and the delta rule's examples/delta/*.attn
+FILES = sorted((REPO / "examples").glob("*.attn")) + sorted((REPO / "examples" / "delta").glob("*.attn"))
+BLOCKS = [(path, spec) for path in FILES for spec in load_spec_file(path).specs]
 
 
 @pytest.mark.parametrize("path, spec", BLOCKS, ids=[f"{p.stem}:{s.name}" for p, s in BLOCKS])
@@ -26,7 +28,8 @@ def test_example_matches_its_reference(path, spec, tmp_path):
     fn, reference = getattr(module, spec.name), getattr(module, f"{spec.name}_reference")
 
     gen = torch.Generator().manual_seed(11)
-    B, T, H, D, E = 2, 45, 2, 32, 24
+    delta = spec.update is UpdateRule.DELTA
+    B, T, H, D, E = (2, 20, 2, 16, 24) if delta else (2, 45, 2, 32, 24)  # the delta rule: slower in the interpreter
     inputs = [torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen),
               torch.randn(B, T, H, E, generator=gen)]
     if spec.decay is Decay.PER_HEAD:
@@ -36,6 +39,8 @@ def test_example_matches_its_reference(path, spec, tmp_path):
     elif spec.decay is Decay.PER_CHANNEL:
         raw = torch.randn(B, T, H, D, generator=gen)
         inputs.append(raw if spec.gate else -raw.abs())
+    if delta:  # beta: a raw input for its transform, else β in (0, 1)
+        inputs.append(torch.randn(B, T, H, generator=gen) if spec.beta is not None else torch.rand(B, T, H, generator=gen))
     ours = [x.to(DEVICE).requires_grad_() for x in inputs]
     theirs = [x.detach().double().requires_grad_() for x in ours]
     o, _ = fn(*ours)
