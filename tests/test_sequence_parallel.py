@@ -80,6 +80,10 @@ def _worker(rank, world, init_file, module_path, kind, out_dir):
         if beta is not None:
             local.append(beta[:, lo:hi].clone().requires_grad_())
         init = initial.clone().requires_grad_()
+        # Count the full local backward passes (the host function that launches them).
+        backward_name = f"_{spec.name}_backward"
+        full_backward, passes = getattr(module, backward_name), []
+        setattr(module, backward_name, lambda *args, **kwargs: passes.append(1) or full_backward(*args, **kwargs))
         # Only rank 0 asks for the final state (it is replicated: its loss counts once);
         # the other ranks' graphs then reach just part of the gathered states.
         o, state = getattr(module, f"{spec.name}_sp")(*local, initial_state=init, output_final_state=rank == 0)
@@ -88,7 +92,7 @@ def _worker(rank, world, init_file, module_path, kind, out_dir):
             loss = loss + (state * dstate).sum()
         loss.backward()
         torch.save({"o": o.detach(), "state": None if state is None else state.detach(), "grads": [x.grad for x in local],
-                    "d_init": init.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "d_init": init.grad, "backward_passes": len(passes)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -129,3 +133,6 @@ def test_sequence_parallel_equals_one_process(kind, world, tmp_path):
         merged = sum(parts) if leaf.dim() == 1 else torch.cat(parts, dim=1)
         close(merged, leaf.grad)
     close(sum(r["d_init"] for r in results), init.grad)
+    if kind in ("per_head", "per_channel", "per_token"):
+        # One full local backward per rank (before: one for the state-only pass as well).
+        assert [r["backward_passes"] for r in results] == [1] * world
