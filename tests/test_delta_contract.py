@@ -120,8 +120,9 @@ def packed_bounds(layout: str, bounds: list[int]) -> torch.Tensor:
 
 # Which (kind, rotation) cases run: rotation r gives argument j the layout LAYOUTS[(r + j) % 5]
 # and the axis r + j, so the five per-token rotations cover every (argument, layout) pair.
-LAYOUT_CASES = [("per_token", r) for r in range(5)] + [("per_head", 0), ("per_head", 3), ("none", 1),
-                                                       ("per_channel", 2)]
+# (The per-channel decay input goes through the per-token one's host code, and its backward
+# is slow in the interpreter: it is left out here.)
+LAYOUT_CASES = [("per_token", r) for r in range(5)] + [("per_head", 0), ("per_head", 3), ("none", 1)]
 
 
 @pytest.mark.parametrize("kind, rotation", LAYOUT_CASES, ids=str)
@@ -129,8 +130,9 @@ def test_every_argument_layout_matches_the_contiguous_call(kind, rotation):
     fn, _, _, _ = functions(kind)
     packed = rotation % 2 == 1
     B, H, H_kv, D, E = (1 if packed else 2), 2, 1, 5, 3
-    T = 11 if kind == "per_channel" else 19
-    bounds = [0, 4, 4, T]
+    # One chunk suffices: what a layout could break is on the host side, before the kernels.
+    T = 9
+    bounds = [0, 2, 2, T]
     num_seqs = 3 if packed else B
     gen = torch.Generator().manual_seed(rotation)
     values = [x.detach() for x in call_inputs(kind, B, T, H, H_kv, D, E, seed=rotation)]
@@ -295,7 +297,6 @@ SHAPES = [
     ("per_token", 1, 21, 4, 2, 33, 17),
     ("per_head", 1, 20, 4, 2, 5, 3),
     ("none", 1, 18, 2, 1, 17, 33),
-    ("per_channel", 1, 1, 4, 2, 5, 3),
 ]
 
 
@@ -379,6 +380,12 @@ def _bad_call_cases():
         ("cu_seqlens with B = 2", "per_token",
          call("per_token", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)) or a.__setitem__(
              slice(None), [torch.cat([x, x]) for x in a])), "B = 1"),
+        ("scale NaN", "per_token", call("per_token", lambda a, kw: kw.update(scale=float("nan"))), "scale"),
+        ("output_final_state a string", "none", call("none", lambda a, kw: kw.update(output_final_state="yes")),
+         "output_final_state must be True or False"),
+        ("cu_seqlens decreasing", "per_head",
+         call("per_head", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32))),
+         "non-decreasing"),
         ("step beta per query head", "per_token", step_call("per_token", set_beta(lambda b: b.repeat(1, 2))),
          "beta must have shape"),
         ("step beta [B, 1, H_kv]", "none", step_call("none", set_beta(lambda b: b[:, None])), "beta must have shape"),
@@ -440,7 +447,7 @@ def test_gradients_of_only_some_inputs():
     """Only beta and the initial state need gradients (q, k, v, g frozen): their gradients
     equal those of the call where everything needs one."""
     fn, _, _, _ = functions("per_token")
-    leaves = call_inputs("per_token", 1, 18, 2, 1, 5, 3, seed=2)
+    leaves = call_inputs("per_token", 1, 9, 2, 1, 5, 3, seed=2)
     initial = torch.randn(1, 2, 5, 3).to(DEVICE).requires_grad_()
     o, s = fn(*leaves, initial_state=initial, output_final_state=True)
     expected = torch.autograd.grad(o.sum() + s.square().sum(), [leaves[-1], initial])
@@ -474,11 +481,12 @@ def _run(fn, args, **kwargs):
 @pytest.mark.parametrize("kind", ["none", "per_token", "per_channel"])
 def test_fullgraph_aot_eager_equals_eager(kind):
     fn, _, _, _ = functions(kind)
-    T = 12 if kind == "per_channel" else 29
-    inputs = call_inputs(kind, 1, T, 2, 1, 5, 3)
-    init = torch.randn(3, 2, 5, 3, device=DEVICE).requires_grad_()
+    # (Per channel: one head and fewer tokens, its backward being slow in the interpreter.)
+    T, H = (9, 1) if kind == "per_channel" else (21, 2)
+    inputs = call_inputs(kind, 1, T, H, 1, 5, 3)
+    init = torch.randn(3, H, 5, 3, device=DEVICE).requires_grad_()
     kwargs = dict(initial_state=init, output_final_state=True,
-                  cu_seqlens=torch.tensor([0, 7, 7, T], dtype=torch.int32, device=DEVICE))
+                  cu_seqlens=torch.tensor([0, 4, 4, T], dtype=torch.int32, device=DEVICE))
     leaves = [*inputs, init]
     o, state, loss = _run(fn, inputs, **kwargs)
     expected = (o, state, *torch.autograd.grad(loss, leaves))
@@ -507,7 +515,7 @@ def _op_cases(kind):
     _, _, _, module = functions(kind)
     name = SPECS[kind].name
     gen = torch.Generator().manual_seed(5)
-    N, H, H_kv, D, E = 13, 2, 1, 5, 3
+    N, H, H_kv, D, E = 9, 2, 1, 5, 3
     q = torch.randn(N, H, D, generator=gen).to(DEVICE)
     k = torch.randn(N, H_kv, D, generator=gen).to(DEVICE)
     v = torch.randn(N, H_kv, E, generator=gen).to(DEVICE)
@@ -515,24 +523,27 @@ def _op_cases(kind):
     do = torch.randn(N, H, E, generator=gen).to(DEVICE)
     shape = {"none": None, "per_head": (H,), "per_token": (N, H_kv), "per_channel": (N, H_kv, D)}[kind]
     decay = None if shape is None else decay_values(kind, shape, gen).to(DEVICE)
-    cu = torch.tensor([0, 6, 6, 13], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=DEVICE)
     init = torch.randn(3, H, D, E, generator=gen).to(DEVICE)
     forward = getattr(module, f"_{name}_forward_op")
     backward = getattr(module, f"_{name}_backward_op")
     step = getattr(module, f"_{name}_step_op")
-    fwd_args = (q, k, v, beta, decay, init, cu, 3, 7, 0.25, True, True)
+    fwd_args = (q, k, v, beta, decay, init, cu, 3, 5, 0.25, True, True)
     _, final, chunk_states = forward(*fwd_args)
     dfinal = torch.randn(final.shape, generator=gen).to(DEVICE)
     B = 3
     step_decay = None if decay is None else (decay if kind == "per_head" else decay[:B].contiguous())
     step_args = (q[:B].contiguous(), k[:B].contiguous(), v[:B].contiguous(), beta[:B].contiguous(),
                  torch.randn(B, H, D, E, generator=gen).to(DEVICE), step_decay, 0.5)
+    if kind == "per_head":  # what differs from per token: the slope [H] and its gradient's fake
+        return [(forward, fwd_args), (backward, (q, k, v, beta, decay, init, cu, chunk_states, do, dfinal, 3, 5,
+                                                 0.25, True)), (step, step_args)]
     return [
         (forward, fwd_args),
-        (forward, (q, k, v, beta, decay, None, None, 1, 13, 0.25, False, False)),
-        (forward, (q, k, v, beta, decay, None, None, 1, 13, 0.25, True, False)),  # state only
-        (backward, (q, k, v, beta, decay, init, cu, chunk_states, do, dfinal, 3, 7, 0.25, decay is not None)),
-        (backward, (q, k, v, beta, decay, None, cu, chunk_states, do, None, 3, 7, 0.25, False)),
+        (forward, (q, k, v, beta, decay, None, None, 1, 9, 0.25, False, False)),
+        (forward, (q, k, v, beta, decay, None, None, 1, 9, 0.25, True, False)),  # state only
+        (backward, (q, k, v, beta, decay, init, cu, chunk_states, do, dfinal, 3, 5, 0.25, decay is not None)),
+        (backward, (q, k, v, beta, decay, None, cu, chunk_states, do, None, 3, 5, 0.25, False)),
         (step, step_args),
     ]
 
@@ -540,9 +551,11 @@ def _op_cases(kind):
 @pytest.mark.parametrize("kind", ["per_head", "per_token"])
 def test_opcheck(kind):
     """Schema (no hidden mutation or aliasing), fakes (shapes, dtypes, strides as the real
-    kernels give), AOT dispatch with static and dynamic shapes."""
+    kernels give), AOT dispatch with dynamic shapes (the static-shape variant, a subset of
+    it, is left out for time)."""
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     for op, args in _op_cases(kind):
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, args, test_utils=tests)
 
 
 @pytest.mark.parametrize("kind", ["none", "per_head", "per_token", "per_channel"])
@@ -567,9 +580,9 @@ def test_meta_tensors_give_shapes(kind):
 
 def test_traced_packed_call_reads_nothing_on_the_host(monkeypatch):
     fn, _, _, _ = functions("per_token")
-    inputs = call_inputs("per_token", 1, 30, 2, 1, 5, 3)
+    inputs = call_inputs("per_token", 1, 18, 2, 1, 5, 3)
     init = torch.randn(2, 2, 5, 3, device=DEVICE).requires_grad_()
-    cu = torch.tensor([0, 9, 30], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32, device=DEVICE)
     kwargs = dict(initial_state=init, output_final_state=True, cu_seqlens=cu)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     compiled(*inputs, **kwargs)  # compile first (tracing may read shapes)
@@ -618,3 +631,15 @@ def test_bf16_step_matches_float64(kind):
     assert torch.isfinite(o_t).all() and torch.isfinite(new_state).all()
     assert rel_error(o_t, o_ref[:, 0]) < TOLERANCE[torch.bfloat16]
     assert rel_error(new_state, state_ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_cpu_tensors_on_a_machine_with_a_gpu_are_refused_clearly(monkeypatch):
+    """Where a GPU is present the kernels are compiled for CUDA: CPU inputs get a ValueError
+    before any launch, in a call and in a decoding step."""
+    fn, step, _, module = functions("per_token")
+    monkeypatch.setattr(module, "_INTERPRETED", False)  # as on a machine with a GPU
+    q, k, v, g, beta = (x.detach().cpu() for x in call_inputs("per_token", 1, 5, 2, 1, 5, 3))
+    with pytest.raises(ValueError, match="move them to a CUDA device"):
+        fn(q, k, v, g, beta)
+    with pytest.raises(ValueError, match="move them to a CUDA device"):
+        step(q[:, 0], k[:, 0], v[:, 0], torch.zeros(1, 2, 5, 3), g[:, 0], beta[:, 0])
