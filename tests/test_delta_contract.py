@@ -323,6 +323,36 @@ def test_per_head_slope_with_grouped_heads_is_per_query_head():
     assert dslope[0] == 0 and rel_error(dslope, dslope_ref) < TOLERANCE[torch.float32]
 
 
+def test_zero_padding_rows_and_inputs_left_unwritten():
+    """Zero rows (padding tokens: q, k and v all zero, so the L2 norms see 0 / sqrt(eps)) give
+    finite outputs and gradients equal to the float64 reference's; and neither a call, its
+    backward nor a decoding step writes into any input (the step's state included)."""
+    fn, step, reference, _ = functions("per_token")
+    leaves = call_inputs("per_token", 1, 9, 2, 1, 5, 3, seed=8)
+    with torch.no_grad():
+        leaves[0][0, 3] = 0
+        leaves[1][0, 5] = 0
+        leaves[2][0, 5] = 0
+    initial = torch.randn(1, 2, 5, 3).to(DEVICE).requires_grad_()
+    before = [x.detach().clone() for x in (*leaves, initial)]
+    o, final = fn(*leaves, initial_state=initial, output_final_state=True)
+    grads = torch.autograd.grad(o.sum() + final.square().sum(), [*leaves, initial])
+    theirs = [x.detach().double().requires_grad_() for x in (*leaves, initial)]
+    o_ref, final_ref = reference(*theirs[:-1], initial_state=theirs[-1], output_final_state=True)
+    grads_ref = torch.autograd.grad(o_ref.sum() + final_ref.square().sum(), theirs)
+    bound = TOLERANCE[torch.float32]
+    assert rel_error(o, o_ref) < bound and rel_error(final, final_ref) < bound
+    for name, grad, grad_ref in zip(["q", "k", "v", "g", "beta", "initial_state"], grads, grads_ref, strict=True):
+        assert rel_error(grad, grad_ref) < bound, name
+    for x, saved in zip((*leaves, initial), before, strict=True):
+        assert torch.equal(x.detach(), saved)
+    state = final.detach()
+    state_before = state.clone()
+    step_args = [x.detach()[:, 5] for x in leaves]
+    _, new_state = step(*step_args[:3], state, *step_args[3:])
+    assert torch.equal(state, state_before) and new_state.data_ptr() != state.data_ptr()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad calls
 
