@@ -559,21 +559,21 @@ def _op_cases(kind):
     backward = getattr(module, f"_{name}_backward_op")
     step = getattr(module, f"_{name}_step_op")
     fwd_args = (q, k, v, beta, decay, init, cu, 3, 5, 0.25, True, True)
-    _, final, chunk_states = forward(*fwd_args)
+    _, final, *saved = forward(*fwd_args)  # saved: chunk states, W, T, P, U
     dfinal = torch.randn(final.shape, generator=gen).to(DEVICE)
     B = 3
     step_decay = None if decay is None else (decay if kind == "per_head" else decay[:B].contiguous())
     step_args = (q[:B].contiguous(), k[:B].contiguous(), v[:B].contiguous(), beta[:B].contiguous(),
                  torch.randn(B, H, D, E, generator=gen).to(DEVICE), step_decay, 0.5)
     if kind == "per_head":  # what differs from per token: the slope [H] and its gradient's fake
-        return [(forward, fwd_args), (backward, (q, k, v, beta, decay, init, cu, chunk_states, do, dfinal, 3, 5,
+        return [(forward, fwd_args), (backward, (q, k, v, beta, decay, init, cu, *saved, do, dfinal, 3, 5,
                                                  0.25, True)), (step, step_args)]
     return [
         (forward, fwd_args),
         (forward, (q, k, v, beta, decay, None, None, 1, 9, 0.25, False, False)),
         (forward, (q, k, v, beta, decay, None, None, 1, 9, 0.25, True, False)),  # state only
-        (backward, (q, k, v, beta, decay, init, cu, chunk_states, do, dfinal, 3, 5, 0.25, decay is not None)),
-        (backward, (q, k, v, beta, decay, None, cu, chunk_states, do, None, 3, 5, 0.25, False)),
+        (backward, (q, k, v, beta, decay, init, cu, *saved, do, dfinal, 3, 5, 0.25, decay is not None)),
+        (backward, (q, k, v, beta, decay, None, cu, *saved, do, None, 3, 5, 0.25, False)),
         (step, step_args),
     ]
 
