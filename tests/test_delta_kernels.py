@@ -159,6 +159,14 @@ def test_a_zero_decay_resets_the_state(decay):
     assert torch.isfinite(o_ref).all() and rel_error(o_ref, o_hand) < 1e-10
 
 
+def test_head_dims_of_256():
+    check_against_reference(delta_spec(Decay.PER_TOKEN), B=1, T=17, H=1, H_kv=1, D=256, E=256, with_state=True)
+
+
+def test_fp16_inputs():
+    check_against_reference(delta_spec(Decay.PER_CHANNEL), B=1, T=17, H=2, H_kv=1, D=16, E=16, dtype=torch.float16)
+
+
 def test_bf16_inputs():
     check_against_reference(delta_spec(Decay.PER_HEAD), B=1, T=20, H=2, H_kv=1, D=16, E=16, dtype=torch.bfloat16)
 
