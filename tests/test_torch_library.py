@@ -171,14 +171,19 @@ def test_eager_packed_call_still_checks_cu_seqlens():
 
 def test_traced_call_with_bad_cu_seqlens_stays_in_bounds():
     """Traced, cu_seqlens is not checked on the host; out-of-range or decreasing values
-    are clamped on the device, so the kernels stay inside the tensors (the outputs of
-    such a call are unspecified, but every token's output is finite)."""
+    are made into a non-decreasing run from 0 to T on the device, so the kernels stay
+    inside the tensors and every token's output is written: the call equals the eager
+    one on the repaired bounds."""
     fn, _, _ = _function("none")
     q, k, v, _, _ = _inputs("none", 1, 10)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    bad = torch.tensor([0, 60, 4, 10], dtype=torch.int32, device=DEVICE)
-    o, _ = compiled(q.detach(), k.detach(), v.detach(), cu_seqlens=bad)
-    assert o.shape == (1, 10, 2, 12) and torch.isfinite(o).all()
+    for bad, repaired in (([0, 60, 4, 10], [0, 10, 10, 10]), ([5, 3, 1, 2], [0, 5, 5, 10])):
+        o, _ = compiled(q.detach(), k.detach(), v.detach(), cu_seqlens=torch.tensor(bad, dtype=torch.int32,
+                                                                                      device=DEVICE))
+        expected, _ = fn(q.detach(), k.detach(), v.detach(), cu_seqlens=torch.tensor(repaired, dtype=torch.int32,
+                                                                                      device=DEVICE))
+        assert o.shape == (1, 10, 2, 12) and torch.isfinite(o).all()
+        _assert_close(o, expected, f"o at cu_seqlens={bad}")
 
 
 def test_decoding_step_compiles_fullgraph():

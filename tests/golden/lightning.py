@@ -124,9 +124,11 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     equal sequences, number of sequences, length of the longest sequence).
 
     Its values are checked on the host where a call may read them (see _reads_host_values).
-    Where it may not, they are clamped on the device into a non-decreasing run within
-    [0, T], so that no kernel reads or writes outside the tensors whatever they are, and
-    the longest sequence is taken to be T (the segment plan stays right, if coarser)."""
+    Where it may not, they are made on the device into a non-decreasing run from 0 to T
+    (clamped into [0, T], a running maximum, the first bound 0 and the last T), so that no
+    kernel reads or writes outside the tensors whatever they are and every token belongs
+    to a sequence (no output is left unwritten); the longest sequence is taken to be T
+    (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -141,7 +143,9 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     # The kernels read it as a dense int32 array, whatever view the caller passed.
     dense = cu_seqlens.to(torch.int32).contiguous()
     if not _reads_host_values(device):
-        return torch.cummax(dense.clamp(0, length), 0).values, num_seqs, length
+        bounds = torch.cummax(dense.clamp(0, length), 0).values
+        ends = bounds.new_tensor([0, length])
+        return torch.cat([ends[:1], bounds[1:-1], ends[1:]]), num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
@@ -904,6 +908,25 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
     return segment_cu, segment_starts, entering
 
 
+def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
+    """dL/d(initial state) through the outputs alone (no final-state term), on dense
+    [tokens, heads, dim] inputs: one backward sweep that carries dL/dS and nothing else (no
+    dq, dk or dv). The first step of lightning_sp's backward."""
+    N, H, D = q.shape
+    E = v.shape[2]
+    num_seqs = cu_seqlens.shape[0] - 1
+    config = _lightning_config(D, E)
+    dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
+    decay_total = torch.empty((num_seqs, H), dtype=torch.float32, device=q.device)
+    _launch(_lightning_bwd_dkv_kernel, (1, num_seqs * H),
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
+        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state, cu_seqlens=cu_seqlens, scale=scale,
+        HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+        **_lightning_launch_args(q, k, v, config, _block(E), backward=True),
+    )
+    return dinitial_state
+
+
 def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
     """The programs of the forward launch just made whose state came out NaN or inf
     compute their outputs again so that the non-finite value reaches later tokens only
@@ -1350,6 +1373,95 @@ def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
     return o_t, new_state
 
 
+def _lightning_sp_gather(tensor, group):
+    """all_gather of one tensor over `group`, as a list in rank order (no autograd)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def _lightning_sp_totals(q, k, decay):
+    """This rank's total log decay per sequence and head (the factor its slice puts on the
+    state entering it), float32 [B, H]; None without decay."""
+    B, T, H = q.shape[0], q.shape[1], q.shape[2]
+    return (_lightning_log_decay_reference(-decay.float()) * T).expand(B, H).contiguous()
+
+
+class _lightning_SequenceParallel(torch.autograd.Function):
+    """lightning_sp's forward and backward (see there), with one full local backward pass.
+
+    Forward: this rank's own state (a state-only pass), one all-gather of the states and
+    total decays, the state entering this rank, then the outputs from it. Backward: dL/dS
+    entering this rank through its outputs (one sweep carrying dL/dS only), one all-gather
+    of those, the combine's backward (every rank alike: tiny), then one backward of the
+    output pass with dL/d(its final state) = dL/d(own state). That last pass is exact for
+    the own state too: the output pass's final state is A ⊙ S_entering + S_own, so its
+    gradients in k, v and the decay are the own state's plus, for the decay, exactly the
+    combine's term <dL/dS_next, A ⊙ S_entering>."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, initial_state, scale, output_final_state, group):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        _, own_state = _lightning_call(q, k, v, decay, scale, None, True, None, store_output=False)
+        states = _lightning_sp_gather(own_state, group)
+        totals = _lightning_sp_gather(_lightning_sp_totals(q, k, decay), group)
+        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
+        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
+        for source in range(world):
+            if source == rank:
+                entering = incoming
+            incoming = totals[source].exp()[..., None, None] * incoming + states[source]
+        with torch.enable_grad():  # the output pass, recorded for the backward
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, decay)]
+            start = entering.detach().requires_grad_()
+            o, local_final = _lightning_call(*leaves[:3], leaves[3], scale, start, True, None)
+        ctx.graph = (leaves, o, local_final)
+        ctx.totals, ctx.group, ctx.scale = totals, group, scale
+        ctx.has_initial_state = initial_state is not None
+        ctx.save_for_backward(q, k, v, decay)
+        return o.detach(), incoming if output_final_state else None
+
+    @staticmethod
+    def backward(ctx, do, dfinal_state):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        q, k, v, decay = ctx.saved_tensors
+        leaves, o, local_final = ctx.graph
+        totals = ctx.totals
+        B, T, H, D = q.shape
+        # 1. dL/dS entering this rank through its own outputs: one sweep of dL/dS.
+        dtype = _kernel_dtype(q.dtype, q.device)
+        flat = [x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v, do)]
+        kernel_decay = decay.float().contiguous()
+        scale = _resolve_scale(ctx.scale, 1.0, D)
+        through_outputs = _lightning_outputs_initial_state_grad(
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
+        )
+        # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
+        entering_grads = _lightning_sp_gather(through_outputs, ctx.group)
+        if dfinal_state is None:
+            dfinal_state = torch.zeros_like(through_outputs)
+        grad = sum(_lightning_sp_gather(dfinal_state.float(), ctx.group))
+        # 3. The combine's backward: grad = dL/dS entering rank `source` + 1 on the way down.
+        for source in reversed(range(world)):
+            if source == rank:
+                own_state_grad = grad
+            grad = entering_grads[source] + totals[source].exp()[..., None, None] * grad
+        # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
+        needed = [x for x in leaves if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True))
+        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None for x in leaves)
+        dinitial_state = None
+        if ctx.has_initial_state:
+            dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
+        return dq, dk, dv, ddecay, dinitial_state, None, None, None
+
+
 def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=None,
         output_final_state=False, group=None):
     """Sequence parallel lightning over torch.distributed (LASP-2 style).
@@ -1359,35 +1471,17 @@ def lightning_sp(q, k, v, slope=None, *unexpected, scale=None, initial_state=Non
     Every rank computes its slice's own final state, one all-gather shares those
     states (and the slices' total decays), each rank combines the decayed states
     of the ranks before it into its initial state, then computes its outputs.
-    The backward mirrors this through the all-gather's own backward (one
-    collective). Returns (o [B, T_rank, H, E], final state of the whole sequences
-    or None); initial_state, if given, must be the same on every rank.
+    The backward is one sweep of dL/dS per rank, one all-gather, and one local
+    backward pass (see _lightning_SequenceParallel). Every rank must backpropagate
+    through its outputs (the backward's all-gather needs them all).
+    Returns (o [B, T_rank, H, E], final state of the whole sequences or None);
+    initial_state, if given, must be the same on every rank (its gradient is
+    returned on rank 0, zeros elsewhere).
     """
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
-
     _lightning_check_arguments(unexpected, slope)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    extra = (slope,)
-    # This rank's own final state, from a state-only pass (no outputs yet).
-    _, own_state = _lightning_call(q, k, v, slope, scale, None, True, None, store_output=False)
-    states = dist_nn.all_gather(own_state, group)
-    B, T, H = q.shape[0], q.shape[1], q.shape[2]
-    own_total = (_lightning_log_decay_reference(-slope.float()) * T).expand(B, H).contiguous()
-    totals = dist_nn.all_gather(own_total, group)
-    # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-    incoming = initial_state if initial_state is not None else torch.zeros_like(own_state)
-    for source in range(world):
-        if source == rank:
-            entering = incoming
-            if not output_final_state:
-                break
-        incoming = totals[source].exp()[..., None, None] * incoming + states[source]
-    # The all-gather's backward is itself a collective, so every rank's graph must reach
-    # every gathered tensor: states this rank does not need join it with weight zero.
-    anchor = sum(x.sum() for x in states) + sum(x.sum() for x in totals)
-    o, _ = lightning(q, k, v, *extra, scale=scale, initial_state=entering + 0.0 * anchor)
-    return o, incoming if output_final_state else None
+    return _lightning_SequenceParallel.apply(
+        q, k, v, slope, initial_state, scale, output_final_state, group
+    )
 
 
 def _lightning_q_map_reference(x):
