@@ -133,6 +133,6 @@ def test_sequence_parallel_equals_one_process(kind, world, tmp_path):
         merged = sum(parts) if leaf.dim() == 1 else torch.cat(parts, dim=1)
         close(merged, leaf.grad)
     close(sum(r["d_init"] for r in results), init.grad)
-    if kind in ("per_head", "per_channel", "per_token"):
+    if kind != "normalized":
         # One full local backward per rank (before: one for the state-only pass as well).
         assert [r["backward_passes"] for r in results] == [1] * world
