@@ -298,3 +298,32 @@ def test_delta_bench_help_and_dry_run_on_the_cpu(tmp_path):
     result = subprocess.run([sys.executable, script, "--shapes", "1,64,2"], capture_output=True, text=True,
                             env=env)
     assert result.returncode == 2 and "--shapes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_delta_bench_compares_with_fla_on_transformed_inputs(monkeypatch, tmp_path):
+    """The GPU path of delta_bench on the CPU: fla (a float64 stand-in) gets g and β made from
+    attncc's raw inputs, and the outputs agree; times and the speedup table come through."""
+    import importlib.util
+
+    path = REPO / "benchmarks" / "delta_bench.py"
+    script_spec = importlib.util.spec_from_file_location("delta_bench_under_test", path)
+    script = importlib.util.module_from_spec(script_spec)
+    monkeypatch.setitem(sys.modules, script_spec.name, script)  # (dataclasses look the module up)
+    script_spec.loader.exec_module(script)
+    calls: list = []
+    _fake_fla(monkeypatch, calls)
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(bench, "median_ms", lambda fn, *, graph=False: 2.0 if graph else 4.0)
+    results = []
+    for variant in ("gated_deltanet", "kda"):
+        results += script.run_variant(variant, (1, 20, 2, 8, 8), torch.float32, 20, device="cpu")
+    assert [r.op for r in results] == ["attncc gated_deltanet", "fla chunk_gated_delta_rule", "attncc kda",
+                                       "fla chunk_kda"]
+    assert {c[:3] for c in calls} == {("per_token", 8**-0.5, True), ("per_channel", 8**-0.5, True)}
+    for r in results:
+        assert r.ok is True, (r.op, r.note)
+        assert r.err_vs_reference < 1e-5 and r.err_vs_other < 1e-5
+        assert r.times == {"fwd": 4.0, "fwdbwd": 4.0, "graph_fwd": 2.0, "graph_fwdbwd": 2.0}
+    table = script.speedups(results)
+    assert "| gated_deltanet | 1.00x | 1.00x | 1.00x | 1.00x |" in table and "| kda |" in table
+    assert all(script.format_row(r).count("|") == script.HEADER.count("|") for r in results)
