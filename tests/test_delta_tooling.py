@@ -327,3 +327,23 @@ def test_delta_bench_compares_with_fla_on_transformed_inputs(monkeypatch, tmp_pa
     table = script.speedups(results)
     assert "| gated_deltanet | 1.00x | 1.00x | 1.00x | 1.00x |" in table and "| kda |" in table
     assert all(script.format_row(r).count("|") == script.HEADER.count("|") for r in results)
+
+
+# --- tuned configs of a delta block ----------------------------------------------------------
+def test_tuned_configs_of_a_delta_block_take_only_its_launch_keys(tmp_path):
+    from attncc.compiler import DELTA_LAUNCH_KEYS, compile_file
+
+    spec = tmp_path / "dk.attn"
+    spec.write_text(_source("    decay = none", "dk"))
+    tuned = tmp_path / "dk.attn.tuned.json"
+    config = {"chunk": 32, "block_e": 32, "num_warps": 4, "bwd_num_warps": 4, "num_stages": 2, "bwd_num_stages": 1}
+    tuned.write_text(json.dumps([{"name": "dk", "D": 16, "E": 16, "config": config}]))
+    module = bench.import_source(compile_file(spec), "delta_tooling_dk")
+    assert module._dk_config(16, 16) == config
+    assert set(DELTA_LAUNCH_KEYS) == set(module._dk_config(8, 8))  # the compiler knows the template's keys
+    # A key only additive blocks launch with would be stored and silently ignored: refused.
+    tuned.write_text(json.dumps([{"name": "dk", "D": 16, "E": 16, "config": {"chunk": 32, "segment": 512}}]))
+    with pytest.raises(AttnccError) as info:
+        compile_file(spec)
+    message = info.value.diagnostics[0].message
+    assert "`segment`" in message and "delta" in message and "dk" in message
