@@ -188,7 +188,7 @@ def _l2norm_flags(op: Callable, qk_l2norm: bool) -> dict[str, bool]:
 
     try:
         parameters = inspect.signature(op).parameters
-    except (TypeError, ValueError):  # no signature to read: the spelling of fla 0.2 to 0.6
+    except (TypeError, ValueError):  # no signature to read: the older releases' spelling
         return {"use_qk_l2norm_in_kernel": True}
     if "use_qk_l2norm_in_kernel" in parameters:
         return {"use_qk_l2norm_in_kernel": True}
