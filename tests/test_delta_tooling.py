@@ -279,30 +279,7 @@ def test_tune_command_stores_a_delta_config_that_compiles(monkeypatch, tmp_path)
 
 
 # --- benchmarks/delta_bench.py ----------------------------------------------------------------
-def test_delta_bench_help_and_dry_run_on_the_cpu(tmp_path):
-    script = str(REPO / "benchmarks" / "delta_bench.py")
-    env = {"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "ATTNCC_CACHE_DIR": str(tmp_path),
-           "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
-    for option in ("--shapes", "--variants", "--dry-run", "--dtype"):
-        assert option in result.stdout
-    result = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for variant in ("deltanet", "gated_deltanet", "kda"):
-        assert f"{variant}: ok" in result.stdout, result.stdout
-    result = subprocess.run([sys.executable, script, "--variants", "deltanet,mamba"], capture_output=True,
-                            text=True, env=env)
-    assert result.returncode == 2 and "'mamba'" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, script, "--shapes", "1,64,2"], capture_output=True, text=True,
-                            env=env)
-    assert result.returncode == 2 and "--shapes" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_delta_bench_compares_with_fla_on_transformed_inputs(monkeypatch, tmp_path):
-    """The GPU path of delta_bench on the CPU: fla (a float64 stand-in) gets g and β made from
-    attncc's raw inputs, and the outputs agree; times and the speedup table come through."""
+def _load_script(monkeypatch):
     import importlib.util
 
     path = REPO / "benchmarks" / "delta_bench.py"
@@ -310,6 +287,50 @@ def test_delta_bench_compares_with_fla_on_transformed_inputs(monkeypatch, tmp_pa
     script = importlib.util.module_from_spec(script_spec)
     monkeypatch.setitem(sys.modules, script_spec.name, script)  # (dataclasses look the module up)
     script_spec.loader.exec_module(script)
+    return script
+
+
+def test_delta_bench_help_and_dry_run_on_the_cpu(tmp_path):
+    """As run from a shell: --help, and --dry-run (one variant: the interpreter is slow; the
+    others' inputs are checked in process below)."""
+    script = str(REPO / "benchmarks" / "delta_bench.py")
+    env = {"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "ATTNCC_CACHE_DIR": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    for option in ("--shapes", "--variants", "--dry-run", "--dtype", "--json"):
+        assert option in result.stdout
+    result = subprocess.run([sys.executable, script, "--dry-run", "--variants", "deltanet"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "deltanet: ok" in result.stdout and "fla not importable" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--variants", "deltanet,mamba"], "'mamba'"),
+    (["--shapes", "1,64,2"], "--shapes"),
+    (["--shapes", "1,64,2,16;0,8,2,16"], "'0,8,2,16'"),
+    (["--check-tokens", "0"], "--check-tokens"),
+])
+def test_delta_bench_argument_errors_are_usage_errors(monkeypatch, capsys, argv, shown):
+    script = _load_script(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        script.main(argv)
+    assert info.value.code == 2 and shown in capsys.readouterr().err
+
+
+def test_delta_bench_shapes_default_to_specs(monkeypatch):
+    script = _load_script(monkeypatch)
+    assert script.parse_shapes(script.DEFAULT_SHAPES) == [  # SPEC.md §6, E = D
+        (1, 8192, 96, 128, 128), (2, 16384, 16, 128, 128), (4, 2048, 16, 128, 128), (8, 2048, 32, 256, 256),
+        (2, 4096, 16, 128, 128), (1, 16384, 16, 128, 128)]
+    assert script.parse_shapes("4,2048,64,128,64") == [(4, 2048, 64, 128, 64)]
+
+
+def test_delta_bench_compares_with_fla_on_transformed_inputs(monkeypatch, tmp_path):
+    """The GPU path of delta_bench on the CPU: fla (a float64 stand-in) gets g and β made from
+    attncc's raw inputs, and the outputs agree; times and the speedup table come through."""
+    script = _load_script(monkeypatch)
     calls: list = []
     _fake_fla(monkeypatch, calls)
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
