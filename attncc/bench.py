@@ -4,8 +4,9 @@ Two entry points, both behind `attncc bench`:
 
 - `bench_spec` times the user's own spec (`attncc bench SPEC --shape B,T,H,D[,E]`):
   forward and forward+backward, eager calls and CUDA-graph replays, next to the fla
-  op whose math matches the spec (`matching_fla_op`) and causal SDPA; attncc's output
-  is checked at the timed shape against the spec's generated `NAME_reference`.
+  op whose math matches the spec (`matching_fla_op`: for `update = delta`, fla's
+  chunk_delta_rule, chunk_gated_delta_rule or chunk_kda) and causal SDPA; attncc's
+  output is checked at the timed shape against the spec's generated `NAME_reference`.
 - `run` / `builtin_table` print the built-in table of the four decays against fla
   (`attncc bench` without SPEC, `benchmarks/bench.py`; BENCHMARKS.md quotes it).
 
@@ -28,7 +29,7 @@ from types import ModuleType
 import torch
 
 from attncc.compiler import compile_source
-from attncc.ir import AttentionSpec, Decay, IdentityMap
+from attncc.ir import AttentionSpec, Decay, IdentityMap, RowMap, RowMapKind, UpdateRule
 from attncc.loader import import_path
 
 # The four decays, each as the spec whose math matches the fla op it is timed against.
@@ -176,6 +177,48 @@ def fla_op(decay: str) -> Callable[..., torch.Tensor]:
 
         return lambda q, k, v, g, scale: chunk_gla(q, k, v, g=g, scale=scale)[0]
     raise ValueError(f"decay must be one of {', '.join(BENCH_SPECS)}, not {decay!r}")
+
+
+def _l2norm_flags(op: Callable, qk_l2norm: bool) -> dict[str, bool]:
+    """The keyword arguments that make fla's delta-rule `op` l2-normalize q and k in its kernel
+    (attncc's `l2norm` map on both): fla's releases spell the switch differently."""
+    if not qk_l2norm:
+        return {}  # fla's default: q and k as given
+    import inspect
+
+    try:
+        parameters = inspect.signature(op).parameters
+    except (TypeError, ValueError):  # no signature to read: the older releases' spelling
+        return {"use_qk_l2norm_in_kernel": True}
+    if "use_qk_l2norm_in_kernel" in parameters:
+        return {"use_qk_l2norm_in_kernel": True}
+    if "use_q_l2norm_in_kernel" in parameters and "use_k_l2norm_in_kernel" in parameters:
+        return {"use_q_l2norm_in_kernel": True, "use_k_l2norm_in_kernel": True}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return {"use_qk_l2norm_in_kernel": True}
+    raise ImportError(f"this fla's {getattr(op, '__name__', 'op')} has no switch for l2norm in the kernel")
+
+
+def fla_delta_op(decay: str, *, qk_l2norm: bool = False) -> Callable[..., torch.Tensor]:
+    """fla's delta-rule op for `decay` as a call (q, k, v[, g], beta, scale) -> o, with g the
+    log decay ([B, T, H] per token, [B, T, H, D] per channel) and beta β itself; qk_l2norm:
+    fla normalizes q and k in its kernel. Raises ImportError where fla is not installed."""
+    if decay == "none":
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        flags = _l2norm_flags(chunk_delta_rule, qk_l2norm)
+        return lambda q, k, v, beta, scale: chunk_delta_rule(q, k, v, beta, scale=scale, **flags)[0]
+    if decay == "per_token":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        flags = _l2norm_flags(chunk_gated_delta_rule, qk_l2norm)
+        return lambda q, k, v, g, beta, scale: chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, **flags)[0]
+    if decay == "per_channel":
+        from fla.ops.kda import chunk_kda
+
+        flags = _l2norm_flags(chunk_kda, qk_l2norm)
+        return lambda q, k, v, g, beta, scale: chunk_kda(q, k, v, g, beta, scale=scale, **flags)[0]
+    raise ValueError(f"decay must be one of {', '.join(d.value for d in DELTA_FLA_OPS)}, not {decay!r}")
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -366,8 +409,47 @@ FLA_OPS = {
 }
 
 
+# For `update = delta`: fla's delta-rule op for each decay, when it computes the spec's math
+# (S'_t = A_t S_{t-1}; S_t = S'_t + β_t k_t (v_t − S'_tᵀ k_t)ᵀ with g the log decay and β
+# given as they are, q and k raw or both l2-normalized in the kernel).
+DELTA_FLA_OPS = {
+    Decay.NONE: "chunk_delta_rule",
+    Decay.PER_TOKEN: "chunk_gated_delta_rule",
+    Decay.PER_CHANNEL: "chunk_kda",
+}
+
+
+def _is_l2norm(feature_map) -> bool:
+    return isinstance(feature_map, RowMap) and feature_map.kind is RowMapKind.L2NORM
+
+
+def qk_l2norm(spec: AttentionSpec) -> bool | None:
+    """For fla's delta ops: True where both maps are l2norm (fla's in-kernel l2norm), False
+    where both are identity, None for any other maps (none of fla's ops computes them)."""
+    if _is_l2norm(spec.q_map) and _is_l2norm(spec.k_map):
+        return True
+    if isinstance(spec.q_map, IdentityMap) and isinstance(spec.k_map, IdentityMap):
+        return False
+    return None
+
+
+def _delta_fla_mismatch(spec: AttentionSpec) -> str | None:
+    if spec.decay not in DELTA_FLA_OPS:
+        return "a per-head decay: fla's delta-rule ops take no decay, a per-token or a per-channel one"
+    if qk_l2norm(spec) is None:
+        return "a feature map other than identity or l2norm on both q and k"
+    if spec.gate is not None:  # fla takes the log decay g itself, not a raw input and a gate
+        return "a gate"
+    if spec.beta is not None:
+        return "a beta transform (fla takes β itself)"
+    return None
+
+
 def fla_mismatch(spec: AttentionSpec) -> str | None:
-    """Why no fla op computes `spec`'s function, or None when one does (FLA_OPS[decay])."""
+    """Why no fla op computes `spec`'s function, or None when one does (FLA_OPS[decay], or
+    DELTA_FLA_OPS[decay] for the delta rule)."""
+    if spec.update is UpdateRule.DELTA:
+        return _delta_fla_mismatch(spec)
     if not spec.causal:
         return "non-causal"
     if not (isinstance(spec.q_map, IdentityMap) and isinstance(spec.k_map, IdentityMap)):
@@ -380,41 +462,61 @@ def fla_mismatch(spec: AttentionSpec) -> str | None:
 
 
 def matching_fla_op(spec: AttentionSpec) -> str | None:
-    """The fla op whose math is `spec`'s (a name from FLA_OPS), or None where none is."""
-    return FLA_OPS[spec.decay] if fla_mismatch(spec) is None else None
+    """The fla op whose math is `spec`'s (a name from FLA_OPS or DELTA_FLA_OPS), or None."""
+    if fla_mismatch(spec) is not None:
+        return None
+    return (DELTA_FLA_OPS if spec.update is UpdateRule.DELTA else FLA_OPS)[spec.decay]
+
+
+def fla_call(spec: AttentionSpec) -> Callable[..., torch.Tensor]:
+    """fla's op for a spec that matching_fla_op matches, as a call (q, k, v[, decay input]
+    [, beta], scale) -> o taking the spec's own inputs. ImportError without fla."""
+    if spec.update is UpdateRule.DELTA:
+        return fla_delta_op(spec.decay.value, qk_l2norm=bool(qk_l2norm(spec)))
+    return fla_op(spec.decay.value)
 
 
 def spec_inputs(spec: AttentionSpec, B: int, T: int, H: int, D: int, E: int, dtype: torch.dtype,
                 device: str | torch.device = "cuda") -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(q, k, v[, decay input], the per-head slope or None) for `spec`'s function.
+    """(q, k, v[, decay input][, beta], the per-head slope or None) for `spec`'s function.
 
     The first list is what the function takes positionally; all of it but the per-head
     slope needs gradients. Keys are unit-norm (tame bf16 values); a per-head slope lies in
     [0.01, 0.2]; a data-dependent decay is a log decay (logsigmoid, / 16 per channel) or,
-    with a gate, the raw gate input."""
+    with a gate, the raw gate input. A delta-rule spec's beta [B, T, H] is β in (0, 1)
+    (a sigmoid of normal draws) or, with a beta transform, the raw normal draws."""
     q = torch.randn(B, T, H, D, device=device, dtype=dtype)
     k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device).float(), dim=-1).to(dtype)
     v = torch.randn(B, T, H, E, device=device, dtype=dtype)
     leaves = [x.requires_grad_() for x in (q, k, v)]
+    slope = None
     if spec.decay is Decay.PER_HEAD:
         slope = torch.linspace(0.01, 0.2, H, device=device)
-        return leaves + [slope], slope
-    if spec.decay.data_dependent:
+        leaves.append(slope)
+    elif spec.decay.data_dependent:
         shape = (B, T, H, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H)
         raw = torch.randn(shape, device=device)
         if spec.gate is None:
             raw = torch.nn.functional.logsigmoid(raw) / (16 if spec.decay is Decay.PER_CHANNEL else 1)
         leaves.append(raw.requires_grad_())
-    return leaves, None
+    if spec.update is UpdateRule.DELTA:
+        beta = torch.randn(B, T, H, device=device)
+        leaves.append((beta if spec.beta is not None else torch.sigmoid(beta)).requires_grad_())
+    return leaves, slope
 
 
 # The spec's reference is O(T²) in memory (per channel O(T² · D)): it is checked on the first
 # batch entry and, for causal specs, on the longest prefix that fits (a causal output at t
 # depends only on tokens <= t, so a prefix is an exact check of those outputs).
 REFERENCE_BYTES = 2 << 30
+# The delta rule's reference steps through the tokens one at a time (small in memory, slow
+# in time): it is checked on a causal prefix of at most this many tokens.
+DELTA_REFERENCE_TOKENS = 2048
 
 
 def _reference_tokens(spec: AttentionSpec, T: int, H: int, D: int) -> int:
+    if spec.update is UpdateRule.DELTA:
+        return min(T, DELTA_REFERENCE_TOKENS)
     width = H * (D if spec.decay is Decay.PER_CHANNEL else 1) * 4 * 4  # fp32, a few temporaries
     return min(T, max(1, math.isqrt(REFERENCE_BYTES // width)))
 
@@ -456,8 +558,7 @@ def bench_spec(module: ModuleType, spec: AttentionSpec, shapes: Sequence[tuple[i
         progress(done, len(steps), f"{peer} at {label}")
         if peer == "attncc":
             args, slope = spec_inputs(spec, B, T, H, D, E, dtype, device)
-            leaves = args[:3] if slope is not None else args
-            forward = (lambda q, k, v: fn(q, k, v, slope)[0]) if slope is not None else (lambda *a: fn(*a)[0])
+            forward, leaves = leaf_call(fn, args, slope)
             grad_out = torch.randn(B, T, H, E, device=device, dtype=dtype)
             with torch.no_grad():
                 o_ours = forward(*leaves)
@@ -478,12 +579,21 @@ def bench_spec(module: ModuleType, spec: AttentionSpec, shapes: Sequence[tuple[i
     return rows
 
 
+def leaf_call(fn: Callable, args: Sequence[torch.Tensor],
+              slope: torch.Tensor | None) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor]]:
+    """(call returning o, its inputs) for spec_inputs' args: the inputs are the leaves that
+    need gradients; a per-head slope (args[3], before a delta spec's beta) stays a constant."""
+    if slope is None:
+        return (lambda *a: fn(*a)[0]), list(args)
+    return (lambda q, k, v, *rest: fn(q, k, v, slope, *rest)[0]), [x for x in args if x is not slope]
+
+
 def _fla_row(spec, fla_name, label, T, D, args, slope, leaves, o_ours, grad_out, cuda_graphs) -> Row:
     """fla's row at one shape, on attncc's own inputs: its output compared with attncc's."""
     if fla_name is None:
         return Row(label, "fla", None, None, f"no matching fla op ({fla_mismatch(spec)})", peer="fla", seq_len=T)
     try:
-        fla = fla_op(spec.decay.value)
+        fla = fla_call(spec)
     except ImportError as error:
         return Row(label, f"fla {fla_name}", None, None, f"fla not importable ({error})", peer="fla", seq_len=T)
     scale = float(spec.scale) if spec.scale is not None else D**-0.5

@@ -139,7 +139,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def tune(spec: str, shape: str, dtype: str, name: str | None) -> None:
     """Sweep chunk sizes, warps, stages and sequence splits for SPEC on the GPU.
 
-    Prints a ranked table and stores the fastest config beside the spec
+    Only the launch parameters SPEC's module has are swept (a delta-rule block, update =
+    delta, has no separate backward chunk, narrow blocks or sequence splits). Prints a ranked table and stores the fastest config beside the spec
     (SPEC.tuned.json), where `attncc compile` and `attncc.load` pick it up."""
     dims = _parse_shape(shape)
     import torch
@@ -202,7 +203,8 @@ _BUILTIN_ONLY = ("builtin_shapes", "heads", "dim", "decays")
 @click.option("--name", default=None, help="Which attention block of SPEC (default: the only one).")
 @click.option("--against", default="fla,sdpa", show_default=True, callback=_peers_option,
               help="Peers to time beside attncc, comma-separated: fla (the op whose math matches "
-                   "the spec, if any) and sdpa (causal FlashAttention through "
+                   "the spec, if any; for update = delta, chunk_delta_rule, chunk_gated_delta_rule or "
+                   "chunk_kda) and sdpa (causal FlashAttention through "
                    "torch.nn.functional.scaled_dot_product_attention), or none.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="Dtype of q, k and v (decay inputs are float32).")

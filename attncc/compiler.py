@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attncc.check import parse_spec
 from attncc.errors import AttnccError, Diagnostic, printable
-from attncc.ir import Span
+from attncc.ir import Span, UpdateRule
 from attncc.parse import MAX_SOURCE_BYTES, normalize_source, read_spec_source
 from attncc.render import render_module
 
@@ -61,6 +61,9 @@ LAUNCH_KEYS: dict[str, tuple] = {
     "bwd_segment": _SEGMENT,
 }
 BOOLEAN_KEYS = ("narrow_block_e",)
+# A delta-rule block (`update = delta`, templates/delta/launch.py.j2) launches with these alone:
+# its backward reuses the forward's chunk, and it has no narrow blocks or sequence segments.
+DELTA_LAUNCH_KEYS = ("chunk", "block_e", "num_warps", "bwd_num_warps", "num_stages", "bwd_num_stages")
 NULLABLE_KEYS = ("segment", "bwd_segment")
 MAX_HEAD_DIM = 256
 
@@ -211,7 +214,22 @@ def _compile(source: str, filename: str, header_name: str, tuned_configs: dict |
             f"tuned configs name `{strangers[0]}`, which is no attention block of {filename}",
             hint=f"the blocks are {', '.join(f'`{n}`' for n in sorted(names))}; run `attncc tune` again",
         ))
+    _check_delta_configs(specs, configs, filename)
     return render_module(specs, source, header_name, configs)
+
+
+def _check_delta_configs(specs, configs: dict, filename: str) -> None:
+    """A delta-rule block's tuned config holds only DELTA_LAUNCH_KEYS: another key (e.g. a
+    segment from an additive block's tuning) would be stored in the module and ignored."""
+    delta = {spec.name for spec in specs.specs if spec.update is UpdateRule.DELTA}
+    for (name, D, E), config in configs.items():
+        foreign = sorted(set(config) - set(DELTA_LAUNCH_KEYS)) if name in delta else []
+        if foreign:
+            raise AttnccError(Diagnostic(
+                f"tuned config for `{name}` (D = {D}, E = {E}) of {filename}: `{foreign[0]}` is no launch "
+                f"parameter of a delta-rule block (update = delta launches with {', '.join(DELTA_LAUNCH_KEYS)})",
+                hint="run `attncc tune` again, or delete the tuned-configs file to use the defaults",
+            ))
 
 
 def compile_file(path: str | os.PathLike) -> str:

@@ -4,8 +4,12 @@ The sweep is coordinate-wise (chunk size, then value-block width, warps,
 pipeline stages, and tokens per segment), each step keeping the best so far,
 so a full sweep costs one timed configuration per value listed in SEARCH_SPACE
 (fewer where a value repeats the best so far) rather than the product of all
-choices. It starts from the generated module's defaults. Each configuration is
-timed forward+backward (the training step) with `triton.testing.do_bench` medians on fresh random inputs.
+choices. It starts from the generated module's defaults and sweeps only the keys those
+defaults have: a delta-rule module (`update = delta`) launches with chunk, block_e,
+num_warps, bwd_num_warps, num_stages and bwd_num_stages (its backward reuses the forward's
+chunk; it has no narrow blocks or sequence segments). Each configuration is timed
+forward+backward (the training step) with `triton.testing.do_bench` medians on fresh random
+inputs (`attncc.bench.spec_inputs`, those `attncc bench` times).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import torch
 
 from attncc.compiler import read_tuned_configs, tuning_path
-from attncc.ir import AttentionSpec, Decay
+from attncc.errors import AttnccError, Diagnostic
+from attncc.ir import AttentionSpec
 
 SEARCH_SPACE = {
     "chunk": [16, 32, 64, 128],
@@ -34,21 +39,12 @@ SEARCH_SPACE = {
 }
 
 
-def _inputs(spec: AttentionSpec, B: int, T: int, H: int, D: int, E: int, dtype: torch.dtype):
-    device = "cuda"
-    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    k = (k / k.float().norm(dim=-1, keepdim=True).to(dtype)).detach().requires_grad_()
-    v = torch.randn(B, T, H, E, device=device, dtype=dtype, requires_grad=True)
-    extra = []
-    if spec.decay is Decay.PER_HEAD:
-        extra = [torch.linspace(0.01, 0.2, H, device=device)]
-    elif spec.decay.data_dependent:
-        shape = (B, T, H, D) if spec.decay is Decay.PER_CHANNEL else (B, T, H)
-        raw = torch.randn(shape, device=device)
-        g = raw if spec.gate is not None else torch.nn.functional.logsigmoid(raw) / 16
-        extra = [g.requires_grad_()]
-    return [q, k, v] + extra
+def _inputs(spec: AttentionSpec, B: int, T: int, H: int, D: int, E: int, dtype: torch.dtype,
+            device: str = "cuda") -> list[torch.Tensor]:
+    """The positional arguments of `spec`'s function (a delta spec's beta included)."""
+    from attncc.bench import spec_inputs
+
+    return spec_inputs(spec, B, T, H, D, E, dtype, device)[0]
 
 
 def time_config(module, spec: AttentionSpec, inputs, config: dict, D: int, E: int) -> float:
@@ -73,35 +69,51 @@ def sweep(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     progress: Callable[[int, int, dict, float | None], None] = lambda *a: None,
+    *,
+    device: str = "cuda",
 ) -> list[tuple[float, dict]]:
-    """Coordinate-wise search; returns every (ms, config) tried, fastest first."""
+    """Coordinate-wise search; returns every (ms, config) tried, fastest first. Raises
+    AttnccError when no configuration runs (the first failure says why). (`device` is for
+    tests, with a stand-in for do_bench.)"""
     B, T, H, D = shape[:4]
     E = shape[4] if len(shape) > 4 else D
-    inputs = _inputs(spec, B, T, H, D, E, dtype)
+    inputs = _inputs(spec, B, T, H, D, E, dtype, device)
     module.TUNED_CONFIGS.pop((spec.name, D, E), None)
     best = getattr(module, f"_{spec.name}_config")(D, E)  # the defaults the module would launch with
-    if spec.chunk is not None:
-        space = {key: values for key, values in SEARCH_SPACE.items() if key != "chunk"}
-    else:
-        space = SEARCH_SPACE
+    # Only the keys this module's config has (a key it lacks would be timed, stored and ignored),
+    # and not the chunk where the spec fixes it.
+    space = {key: values for key, values in SEARCH_SPACE.items()
+             if key in best and not (key == "chunk" and spec.chunk is not None)}
     total = sum(len(v) for v in space.values())
     tried: dict[str, tuple[float, dict]] = {}
+    first_failure: str | None = None
     done = 0
-    for key, values in space.items():
-        for value in values:
-            config = dict(best, **{key: value})
-            label = json.dumps(config, sort_keys=True)
-            if label not in tried:
-                try:
-                    ms = time_config(module, spec, inputs, config, D, E)
-                except Exception:  # a configuration the GPU cannot run (e.g. out of shared memory)
-                    ms = float("inf")
-                tried[label] = (ms, config)
-            done += 1
-            progress(done, total, config, tried[label][0])
-        best = min(tried.values(), key=lambda item: item[0])[1]
-    module.TUNED_CONFIGS.pop((spec.name, D, E), None)
-    return sorted(tried.values(), key=lambda item: item[0])
+    try:
+        for key, values in space.items():
+            for value in values:
+                config = dict(best, **{key: value})
+                label = json.dumps(config, sort_keys=True)
+                if label not in tried:
+                    try:
+                        ms = time_config(module, spec, inputs, config, D, E)
+                    except Exception as error:  # a configuration the GPU cannot run (e.g. out of shared memory)
+                        ms = float("inf")
+                        first_failure = first_failure or f"{type(error).__name__}: {str(error).strip()[:300]}"
+                    tried[label] = (ms, config)
+                done += 1
+                progress(done, total, config, tried[label][0])
+            best = min(tried.values(), key=lambda item: item[0])[1]
+    finally:
+        module.TUNED_CONFIGS.pop((spec.name, D, E), None)
+    results = sorted(tried.values(), key=lambda item: item[0])
+    if not results or results[0][0] == float("inf"):
+        shown = "x".join(map(str, shape))
+        raise AttnccError(Diagnostic(
+            f"tuning `{spec.name}` at {shown}: every configuration failed"
+            + (f" (the first: {first_failure})" if first_failure else " (none was tried)"),
+            hint="check that the shape and dtype run with `attncc bench SPEC --shape ...`; nothing was stored",
+        ))
+    return results
 
 
 def store(spec_path: str | Path, name: str, D: int, E: int, config: dict) -> Path:
