@@ -134,6 +134,8 @@ SHARED_NAMES = frozenset(
         "_new_op_library",
         "_define_op",
         "_dense",
+        "_tokenwise",
+        "_allgather",
         "_INTERPRETED",
         "_runs_directly",
         "_OPS",

@@ -292,6 +292,23 @@ def _runs_directly(x):
     )
 
 
+# One-word names: a shared helper `_a_b` would forbid a block named `a` (rules.in_namespace).
+def _tokenwise(x):
+    """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
+    how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(_kernel_dtype(x.dtype, x.device)).contiguous()
+
+
+def _allgather(tensor, group):
+    """all_gather of one tensor over a torch.distributed group, as a list in rank order
+    (no autograd: the NAME_sp functions differentiate through it themselves)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
 def _dense(*tensors):
     """The operators' inputs as the kernels read them: dense (a no-op for the tensors the
     generated functions pass; a compiler may hand an operator other strides)."""
@@ -1223,8 +1240,7 @@ class _lightning_Function(torch.autograd.Function):
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
-        dtype = _kernel_dtype(q.dtype, q.device)
-        q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v))
+        q, k, v = (_tokenwise(x) for x in (q, k, v))
         decay = decay.to(torch.float32).contiguous()
         # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
         # tensors) goes through the operator, which torch sees as one op with a fake.
@@ -1373,15 +1389,6 @@ def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
     return o_t, new_state
 
 
-def _lightning_sp_gather(tensor, group):
-    """all_gather of one tensor over `group`, as a list in rank order (no autograd)."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return parts
-
-
 def _lightning_sp_totals(q, k, decay):
     """This rank's total log decay per sequence and head (the factor its slice puts on the
     state entering it), float32 [B, H]; None without decay."""
@@ -1407,8 +1414,8 @@ class _lightning_SequenceParallel(torch.autograd.Function):
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         _, own_state = _lightning_call(q, k, v, decay, scale, None, True, None, store_output=False)
-        states = _lightning_sp_gather(own_state, group)
-        totals = _lightning_sp_gather(_lightning_sp_totals(q, k, decay), group)
+        states = _allgather(own_state, group)
+        totals = _allgather(_lightning_sp_totals(q, k, decay), group)
         # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
         incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
         for source in range(world):
@@ -1435,18 +1442,17 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         totals = ctx.totals
         B, T, H, D = q.shape
         # 1. dL/dS entering this rank through its own outputs: one sweep of dL/dS.
-        dtype = _kernel_dtype(q.dtype, q.device)
-        flat = [x.reshape(B * T, x.shape[2], x.shape[3]).to(dtype).contiguous() for x in (q, k, v, do)]
+        flat = [_tokenwise(x) for x in (q, k, v, do.to(q.dtype))]
         kernel_decay = decay.float().contiguous()
         scale = _resolve_scale(ctx.scale, 1.0, D)
         through_outputs = _lightning_outputs_initial_state_grad(
             flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
-        entering_grads = _lightning_sp_gather(through_outputs, ctx.group)
+        entering_grads = _allgather(through_outputs, ctx.group)
         if dfinal_state is None:
             dfinal_state = torch.zeros_like(through_outputs)
-        grad = sum(_lightning_sp_gather(dfinal_state.float(), ctx.group))
+        grad = sum(_allgather(dfinal_state.float(), ctx.group))
         # 3. The combine's backward: grad = dL/dS entering rank `source` + 1 on the way down.
         for source in reversed(range(world)):
             if source == rank:
