@@ -379,8 +379,23 @@ def test_tuned_configs_of_an_additive_block_refuse_the_delta_only_keys(tmp_path)
     spec = tmp_path / "ad.attn"
     spec.write_text("attention ad {\n    decay = per_head\n}\n")
     tuned = tmp_path / "ad.attn.tuned.json"
-    tuned.write_text(json.dumps([{"name": "ad", "D": 16, "E": 16, "config": {"chunk": 32, "sweep_block_e": 16}}]))
+    tuned.write_text(json.dumps([{"name": "ad", "D": 16, "E": 16, "config": {"chunk": 32, "sweep_block_e": 64}}]))
     with pytest.raises(AttnccError) as info:
         compile_file(spec)
     message = info.value.diagnostics[0].message
     assert "`sweep_block_e`" in message and "additive" in message and "ad" in message
+
+
+def test_tuned_sweep_blocks_narrower_than_32_are_refused(tmp_path):
+    # sweep_block_e = 16 crashed the GPU (illegal memory access, H200, Triton 3.6): a tuned
+    # file asking for it is an error, not a crash at the first call.
+    from attncc.compiler import compile_file
+
+    spec = tmp_path / "sw.attn"
+    spec.write_text(_source("    decay = none", "sw"))
+    tuned = tmp_path / "sw.attn.tuned.json"
+    tuned.write_text(json.dumps([{"name": "sw", "D": 16, "E": 16, "config": {"sweep_block_e": 16}}]))
+    with pytest.raises(AttnccError, match="sweep_block_e"):
+        compile_file(spec)
+    tuned.write_text(json.dumps([{"name": "sw", "D": 16, "E": 16, "config": {"sweep_block_e": 32}}]))
+    assert "sweep_block_e" in compile_file(spec)
