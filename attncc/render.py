@@ -13,6 +13,7 @@ from attncc._version import __version__
 from attncc.derive import L2NORM_EPS, LOG_DECAY_FLOOR, NORMALIZER_EPS, plan
 from attncc.describe import summary  # the one-line account of a block: one home
 from attncc.ir import AttentionSpec, SpecFile
+from attncc.linewrap import wrap_long_lines
 from attncc.resources import resource_dir
 
 
@@ -107,6 +108,6 @@ def render_module(
         blank = blank + 1 if not line.strip() else 0
         if blank <= 2:
             lines.append(line.rstrip())
-    text = "\n".join(lines).rstrip() + "\n"
+    text = wrap_long_lines("\n".join(lines).rstrip() + "\n")
     _check_generated(text)
     return text

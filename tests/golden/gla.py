@@ -83,7 +83,9 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}")
+        raise ValueError(
+            f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}"
+        )
 
 
 def _check_shape(name, x, expected, layout):
@@ -104,7 +106,9 @@ def _check_device(device, **tensors):
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
+            raise ValueError(
+                f"{name} is on {x.device} but q is on {device}; move all inputs to one device"
+            )
 
 
 def _equal_sequence_starts(batch, length, device):
@@ -141,14 +145,20 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
+        torch.int32, torch.int64,
+    ):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
-        raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}")
+        raise ValueError(
+            f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}"
+        )
     num_seqs = cu_seqlens.shape[0] - 1
     # The kernels read it as a dense int32 array, whatever view the caller passed.
     dense = cu_seqlens.to(torch.int32).contiguous()
@@ -158,7 +168,9 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
         return torch.cat([ends[:1], bounds[1:-1], ends[1:]]), num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}"
+        )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
             "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
@@ -240,7 +252,9 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}")
+        raise ValueError(
+            f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}"
+        )
 
 
 def _forward_block_e(config, rows, E, device):
@@ -264,18 +278,22 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device)
+    segment_cu = torch.empty(
+        num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device,
+    )
     segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
-        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts, num_seqs=num_seqs,
+        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
+        num_seqs=num_seqs,
         per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
 
 @triton.jit
-def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-                           BLOCK: tl.constexpr):
+def _segment_bounds_kernel(
+    cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
+    BLOCK: tl.constexpr):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -306,7 +324,9 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(_kernel_dtype(x.dtype, x.device)).contiguous()
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(
+        _kernel_dtype(x.dtype, x.device)
+    ).contiguous()
 
 
 def _allgather(tensor, group):
@@ -455,9 +475,11 @@ def _gla_log_decay(x):
 @triton.jit
 def _gla_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
+    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, exact_path_ptr, cu_seqlens,
+    scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
     STORE_SEGMENT_STATES: tl.constexpr,
@@ -497,19 +519,30 @@ def _gla_fwd_kernel(
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
+    decay_total = tl.zeros(  # summed over the chunks, for the segment scan
+        [BLOCK_D], dtype=tl.float32,
+    )
     for start in range(0, seq_len, BLOCK_T):
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state, mask=state_mask)
+                tl.store(
+                    segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state,
+                    mask=state_mask,
+                )
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -518,7 +551,10 @@ def _gla_fwd_kernel(
         if FAST_PATH:
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
             if STORE_OUTPUT:
-                x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+                x_q = tl.load(
+                    q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+                    other=0.0,
+                ).to(tl.float32)
                 q = _gla_q_map(x_q, mask_td)
                 q_from_start = (q * tl.exp(b)).to(split_dtype)
                 # What the state carried in from earlier chunks contributes, then the chunk itself.
@@ -543,50 +579,82 @@ def _gla_fwd_kernel(
                     mask_i = rows_i < seq_len
                     mask_id = mask_i[:, None] & mask_d[None, :]
                     b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
+                    x_gi = tl.load(
+                        decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                        mask=mask_id, other=0.0).to(tl.float32)
                     g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                     b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
+                    x_qi = tl.load(
+                        q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                        mask=mask_id, other=0.0,
+                    )
                     q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
                     # What the state carried in from earlier chunks contributes.
-                    o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
+                    o_i = tl.dot(
+                        (q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype),
+                        input_precision=PRECISION,
+                    )
                     if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                        k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                        scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
-                                        tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                        o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
+                        k_before = k_finite * tl.exp(
+                            tl.where(
+                                offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"),
+                            )
+                        )
+                        scores_before = tl.dot(
+                            (q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
+                            tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
+                        o_i += tl.dot(
+                            scores_before.to(dot_dtype), v_finite, input_precision=PRECISION,
+                        )
                     for s in range(0, SUB):  # the sub-block itself, one key row at a time
                         row_s = start + i * SUB + s
                         mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                        x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                        x_ks = tl.load(
+                            k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
+                            other=0.0,
+                        )
                         k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
                         v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                      mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
+                                      mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
+                                      other=0.0).to(tl.float32)
                         b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                        pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
+                        decay_ts = tl.exp(
+                            tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf"))
+                        )
+                        pair = tl.where(  # where: q·k may overflow
+                            offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0,
+                        )
                         o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
                     o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
                     tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+                             (o_i * scale).to(o_ptr.dtype.element_ty),
+                             mask=mask_i[:, None] & mask_e[None, :])
             # Carry the state to the end of this chunk.
             k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-            state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+            state = state * tl.exp(b_last[:, None]) + tl.dot(
+                tl.trans(k_to_end), v, input_precision=PRECISION,
+            )
         decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
+        tl.store(
+            nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e,
+            tl.where(_all_finite(state), 0, 1),
+        )
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
+        tl.store(
+            decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0),
+        )
 
 
 @triton.jit
 def _gla_fwd_again_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, exact_path_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
 ):
@@ -626,9 +694,15 @@ def _gla_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -647,39 +721,57 @@ def _gla_fwd_again_kernel(
                            mask=mask_id, other=0.0).to(tl.float32)
             g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
             b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-            x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
+            x_qi = tl.load(
+                q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id,
+                other=0.0,
+            )
             q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
             # What the state carried in from earlier chunks contributes.
-            o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
+            o_i = tl.dot(
+                (q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION,
+            )
             if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                k_before = k_finite * tl.exp(
+                    tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"))
+                )
                 scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
                                 tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
                 o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
             for s in range(0, SUB):  # the sub-block itself, one key row at a time
                 row_s = start + i * SUB + s
                 mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                x_ks = tl.load(
+                    k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
+                    other=0.0,
+                )
                 k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
                 v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
+                              mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
+                              other=0.0).to(tl.float32)
                 b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                 decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
+                pair = tl.where(  # where: q·k may overflow
+                    offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0,
+                )
                 o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
             o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
             tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                     (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+                     (o_i * scale).to(o_ptr.dtype.element_ty),
+                     mask=mask_i[:, None] & mask_e[None, :])
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = state * tl.exp(b_last[:, None]) + tl.dot(
+            tl.trans(k_to_end), v, input_precision=PRECISION,
+        )
 
 
 @triton.jit
 def _gla_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, exact_path_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
@@ -715,18 +807,30 @@ def _gla_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-            x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+            x_q = tl.load(
+                q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+                other=0.0,
+            ).to(tl.float32)
             q = _gla_q_map(x_q, mask_td)
-            do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+            do = tl.load(
+                do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
+                other=0.0,
+            )
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
             dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
@@ -734,7 +838,10 @@ def _gla_bwd_dq_kernel(
             dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
             dq *= tl.exp(b) * scale
             if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq, mask=mask_td)
+                tl.store(
+                    db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq,
+                    mask=mask_td,
+                )
             dx_q = _gla_q_map_backward(x_q, q, dq, mask_td)
             tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                      dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
@@ -744,8 +851,9 @@ def _gla_bwd_dq_kernel(
                 mask_i = rows_i < seq_len
                 mask_id = mask_i[:, None] & mask_d[None, :]
                 b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
+                x_gi = tl.load(
+                    decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                    mask=mask_id, other=0.0).to(tl.float32)
                 g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                 b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
                 x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
@@ -753,38 +861,59 @@ def _gla_bwd_dq_kernel(
                 q_i = _gla_q_map(x_qi, mask_id)
                 do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
                                mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
+                dq_i = tl.dot(
+                    do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION,
+                ) * tl.exp(b_i)
                 if i > 0:
-                    k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
+                    k_before = k * tl.exp(
+                        tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"))
+                    )
                     dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                    dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
+                    dq_i += tl.dot(
+                        dscores_before.to(dot_dtype), k_before.to(dot_dtype),
+                        input_precision=PRECISION,
+                    ) * tl.exp(b_i - b_before[None, :])
                 for s in range(0, SUB):
                     row_s = start + i * SUB + s
                     mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                    x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
+                    x_ks = tl.load(
+                        k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
+                        other=0.0,
+                    )
                     k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
                     v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
+                                  mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
+                                  other=0.0).to(tl.float32)
                     b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
                     decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                    dq_i += tl.where(offs_sub[:, None] >= s, tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0)
+                    dq_i += tl.where(
+                        offs_sub[:, None] >= s,
+                        tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0,
+                    )
                 dq_i *= scale
                 if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
+                    tl.store(
+                        db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                        q_i * dq_i, mask=mask_id,
+                    )
                 dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
                 tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
                          dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
         # Carry the state to the end of this chunk.
         k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = state * tl.exp(b_last[:, None]) + tl.dot(
+            tl.trans(k_to_end), v, input_precision=PRECISION,
+        )
 
 
 @triton.jit
 def _gla_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
+    dfinal_state_ptr, dinitial_state_ptr,
     exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr,
     SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
     STATE_ONLY: tl.constexpr,
@@ -820,7 +949,9 @@ def _gla_bwd_dkv_kernel(
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
+    decay_total = tl.zeros(  # summed over the chunks, for the segment scan
+        [BLOCK_D], dtype=tl.float32,
+    )
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         start = (num_chunks - 1 - i) * BLOCK_T
@@ -828,9 +959,15 @@ def _gla_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_q = tl.load(
+            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         q = _gla_q_map(x_q, mask_td)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        do = tl.load(
+            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -839,9 +976,15 @@ def _gla_bwd_dkv_kernel(
         decay_total += b_last
         if not STATE_ONLY:
             if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-                x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+                x_k = tl.load(
+                    k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                    mask=mask_td, other=0.0,
+                ).to(tl.float32)
                 k = _gla_k_map(x_k, mask_td)
-                v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+                v = tl.load(
+                    v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0,
+                )
                 q_from_start = (q * tl.exp(b)).to(split_dtype)
                 from_start = tl.exp(-b)
                 k_to_start = (k * from_start).to(split_dtype)
@@ -856,11 +999,16 @@ def _gla_bwd_dkv_kernel(
                 dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
                 dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
                 dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
-                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * scale
+                dk = tl.dot(
+                    dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION,
+                ) * scale
                 dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
                 dk *= from_start
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk, mask=mask_td)
+                    tl.store(
+                        db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk,
+                        mask=mask_td,
+                    )
                 dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
                 tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                          dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
@@ -872,60 +1020,101 @@ def _gla_bwd_dkv_kernel(
                     mask_i = rows_i < seq_len
                     mask_id = mask_i[:, None] & mask_d[None, :]
                     b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
+                    x_gi = tl.load(
+                        decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                        mask=mask_id, other=0.0).to(tl.float32)
                     g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
                     b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
+                    x_kj = tl.load(
+                        k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                        mask=mask_id, other=0.0).to(tl.float32)
                     k_j = _gla_k_map(x_kj, mask_id)
-                    v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                    v_j = tl.load(
+                        v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                        mask=mask_i[:, None] & mask_e[None, :], other=0.0)
                     dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
                     dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
                     if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
-                        b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
-                        q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
+                        b_end = tl.sum(
+                            tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0,
+                        )
+                        q_after = q * tl.exp(
+                            tl.where(
+                                offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf"),
+                            )
+                        )
                         k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                        scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
+                        scores_after = tl.dot(
+                            k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)),
+                            input_precision=PRECISION,
+                        )
                         dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
                         dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                        dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
+                        dk_j += tl.dot(
+                            dscores_after.to(dot_dtype), q_after.to(dot_dtype),
+                            input_precision=PRECISION,
+                        ) * tl.exp(b_end[None, :] - b_i)
                     for t in range(0, SUB):  # the sub-block itself, one query row at a time
                         row_t = start + j * SUB + t
                         mask_q = mask_d[None, :] & (offs_d[None, :] * 0 + row_t < seq_len)
-                        x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
+                        x_qt = tl.load(
+                            q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q,
+                            other=0.0,
+                        )
                         q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
                         do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                       mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_t < seq_len), other=0.0).to(tl.float32)
+                                       mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_t < seq_len),
+                                       other=0.0).to(tl.float32)
                         b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
-                        dv_j += tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)[:, None] * do_t
-                        dk_j += tl.where(offs_sub[:, None] <= t, tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts, 0.0)
+                        decay_ts = tl.exp(
+                            tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf"))
+                        )
+                        dv_j += tl.sum(
+                            tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1,
+                        )[:, None] * do_t
+                        dk_j += tl.where(
+                            offs_sub[:, None] <= t,
+                            tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts,
+                            0.0,
+                        )
                     # Later chunks see these keys and values through the state.
                     to_end_j = tl.exp(b_last[None, :] - b_i)
-                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
-                    dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                    dk_j = dk_j * scale + tl.dot(
+                        v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION,
+                    ) * to_end_j
+                    dv_j = dv_j * scale + tl.dot(
+                        (k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype),
+                        input_precision=PRECISION,
+                    )
                     if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                        tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
+                        tl.store(
+                            db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                            k_j * dk_j, mask=mask_id,
+                        )
                     dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
                     tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
                              dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
                     tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
+                             dv_j.to(dv_ptr.dtype.element_ty),
+                             mask=mask_i[:, None] & mask_e[None, :])
         # dL/dS at the end of the previous chunk.
         q_from_start = (q * tl.exp(b)).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+        dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(
+            tl.trans(q_from_start), do, input_precision=PRECISION,
+        )
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
     if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
-        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
+        tl.store(
+            decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0),
+        )
 
 
 @triton.jit
 def _gla_decay_grad_kernel(
     db_q_ptr, db_k_ptr, x_ptr, dx_ptr, final_term_ptr, cu_seqlens,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     HAS_FINAL_TERM: tl.constexpr,
 ):
     """dL/dg_t = sum over u >= t of db_u, db = q ⊙ dq - k ⊙ dk summed over the query heads
@@ -942,7 +1131,9 @@ def _gla_decay_grad_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_FINAL_TERM:
         for j in tl.static_range(GROUP):
-            acc += tl.load(final_term_ptr + (i_n * H + i_hk * GROUP + j) * D + offs_d, mask=mask_d, other=0.0)
+            acc += tl.load(
+                final_term_ptr + (i_n * H + i_hk * GROUP + j) * D + offs_d, mask=mask_d, other=0.0,
+            )
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         rows = (num_chunks - 1 - i) * BLOCK_T + offs_t
@@ -952,7 +1143,9 @@ def _gla_decay_grad_kernel(
         db = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(GROUP):
             offs_head = ((bos + rows[:, None]) * H + i_hk * GROUP + j) * D + offs_d[None, :]
-            db += tl.load(db_q_ptr + offs_head, mask=mask, other=0.0) - tl.load(db_k_ptr + offs_head, mask=mask, other=0.0)
+            db += tl.load(db_q_ptr + offs_head, mask=mask, other=0.0) - tl.load(
+                db_k_ptr + offs_head, mask=mask, other=0.0,
+            )
         dg = tl.cumsum(db, axis=0, reverse=True) + acc[None, :]
         acc += tl.sum(db, axis=0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -963,7 +1156,10 @@ def _gla_decay_grad_kernel(
 
 
 @triton.jit
-def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gla_decay_extent_kernel(
+    x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Set *exact_path_ptr to 1 if the log decay of some window of CHUNK tokens moves a key
     channel by more than 40 either way (or is NaN).
 
@@ -973,7 +1169,9 @@ def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexp
     rows = tl.program_id(0) * CHUNK + tl.arange(0, 2 * CHUNK)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0,
+    ).to(tl.float32)
     g = tl.where(mask, _gla_log_decay(x), 0.0)
     falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
     rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
@@ -1034,15 +1232,23 @@ def _gla_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
+        tl.float32
+    )
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
+        tl.float32
+    )
     q = _gla_q_map(x_q, mask_d)
     k = _gla_k_map(x_k, mask_d)
-    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0).to(tl.float32)
+    v = tl.load(
+        v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0,
+    ).to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
-    x_g = tl.load(decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0).to(tl.float32)
+    x_g = tl.load(
+        decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0,
+    ).to(tl.float32)
     state *= tl.exp(_gla_log_decay(x_g))
     state += tl.trans(k) * v
     o = tl.sum(tl.trans(q) * state, axis=0) * scale
@@ -1123,8 +1329,10 @@ def _gla_config(D, E):
 def _gla_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
-        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
+        H=H, HKV=k.shape[1], D=D, E=v.shape[2],
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
+        BLOCK_E=block_e, PRECISION=_precision(q.dtype),
+        num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
         SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # see _gla_launch_on_both_paths
     )
@@ -1150,7 +1358,9 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
     config = _gla_config(D, E)
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
-    segment_len = _segment_length(config["segment"], longest, programs, config["chunk"], device, forward=True)
+    segment_len = _segment_length(
+        config["segment"], longest, programs, config["chunk"], device, forward=True,
+    )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
     if segment_len is not None or not needs_grad:
@@ -1158,8 +1368,9 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
     return config, None, _gla_backward_segment_length(config, longest, num_seqs * H, device)
 
 
-def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-                            config):
+def _gla_segment_states(
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
+    config):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -1171,9 +1382,12 @@ def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segm
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None,
+        segment_len=0,
         nonfinite_ptr=None, exact_path_ptr=None, cu_seqlens=segment_cu, scale=1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
@@ -1181,7 +1395,8 @@ def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segm
         local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
+        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
+        REVERSE=False,
     )
     return segment_cu, segment_starts, entering
 
@@ -1195,7 +1410,8 @@ def _gla_exact_path_flag(decay, chunk):
     block_c = min(64, _block(columns))
     flag = torch.zeros(1, dtype=torch.int32, device=decay.device)
     _gla_decay_extent_kernel[(_cdiv(tokens, chunk), _cdiv(columns, block_c))](
-        x_ptr=decay, exact_path_ptr=flag, tokens=tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c,
+        x_ptr=decay, exact_path_ptr=flag, tokens=tokens, COLUMNS=columns, CHUNK=chunk,
+        BLOCK_C=block_c,
     )
     return flag
 
@@ -1218,15 +1434,19 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_seqs, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,        exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
+        db_ptr=None,
+        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_gla_launch_args(q, k, v, config, _block(E), backward=True),
     )
     return dinitial_state
 
 
-def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+def _gla_outputs_again_where_nonfinite(
+    grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+):
     """The programs of the forward launch just made whose state came out NaN or inf
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _gla_fwd_again_kernel); the others return at once."""
@@ -1237,8 +1457,10 @@ def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, n
     )
 
 
-def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len, cu_seqlens,
-                     scale, config, exact_path):
+def _gla_outputs(
+    q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
+    cu_seqlens,
+    scale, config, exact_path):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -1246,12 +1468,17 @@ def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segmen
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
-        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,        exact_path_ptr=exact_path, cu_seqlens=cu_seqlens, scale=scale,
-        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,
+        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
+        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
+        exact_path_ptr=exact_path, cu_seqlens=cu_seqlens, scale=scale,
+        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
+        STORE_OUTPUT=True,
         STORE_SEGMENT_STATES=entering is not None, **launch,
     )
-    _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
+    _gla_outputs_again_where_nonfinite(
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+    )
 
 
 def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
@@ -1263,8 +1490,12 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, outp
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
-    config, segment_len, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
-    final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    config, segment_len, saved_len = _gla_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+    )
+    final_state = torch.empty(
+        num_seqs, H, D, E, dtype=torch.float32, device=q.device,
+    ) if output_final_state else None
     if not store_output:
         _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
@@ -1274,13 +1505,20 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, outp
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
-        _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
-                        scale, config, exact_path)
+            entering = torch.empty(
+                num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device,
+            )
+        _gla_outputs(
+            q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
+            cu_seqlens,
+            scale, config, exact_path)
         return o, final_state, entering
-    segment_cu, _, entering = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                                      segment_len, final_state, config)
-    _gla_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config, exact_path)
+    segment_cu, _, entering = _gla_segment_states(
+        q, k, v, decay, initial_state, cu_seqlens, longest,
+        segment_len, final_state, config)
+    _gla_outputs(
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config, exact_path,
+    )
     return o, final_state, entering
 
 
@@ -1328,26 +1566,34 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,            exact_path_ptr=None, cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
+            db_ptr=None,
+            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            exact_path_ptr=None, cu_seqlens=seq_cu, scale=scale,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
+            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state,
+            out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
+            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
+            REVERSE=True,
         )
     grid = (1, num_segments * H)
     _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,        initial_state_ptr=seq_init, exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init, exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,        exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
-        HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
+        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
+        HAS_DFINAL_STATE=seq_dfinal is not None,
+        STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
     if group > 1:
@@ -1364,14 +1610,17 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         block_d = min(32, _block(D))
         grid = (num_seqs * H_kv, _cdiv(D, block_d))
         _gla_decay_grad_kernel[grid](
-            db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term, cu_seqlens=cu_seqlens,
-            H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
+            db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term,
+            cu_seqlens=cu_seqlens,
+            H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d,
+            HAS_FINAL_TERM=final_term is not None,
         )
     return dq, dk, dv, ddecay, dinitial_state
 
 
-def _gla_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                        store_output, needs_grad):
+def _gla_run_forward(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
@@ -1390,16 +1639,20 @@ def _gla_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longes
     return o, final_state, entering, exact_path
 
 
-def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                            store_output, needs_grad):
+def _gla_forward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """The operator gla_forward: _gla_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
     q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
     o, final_state, entering, exact_path = _gla_run_forward(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output,
         needs_grad,
     )
-    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
+    empty_state = lambda: q.new_empty(  # noqa: E731
+        (0, *q.shape[1:], v.shape[2]), dtype=torch.float32,
+    )
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1408,8 +1661,9 @@ def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, lo
     )
 
 
-def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                         store_output, needs_grad):
+def _gla_forward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """Shapes and dtypes of _gla_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
@@ -1423,26 +1677,30 @@ def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longe
     )
 
 
-def _gla_run_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                         dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_run_backward(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _gla_backward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering, store_output, do,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+        store_output, do,
         dfinal_state, needs_decay_grad=needs_decay_grad, exact_path=exact_path,
     )
 
 
-def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                             dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_backward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     """The operator gla_backward: _gla_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
     dq, dk, dv, ddecay, dinitial_state = _gla_run_backward(
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering if entering.shape[0] > 0 else None,
+        q, k, v, decay, initial_state, cu_seqlens, final_state,
+        entering if entering.shape[0] > 0 else None,
         exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
     )
     return (
@@ -1452,8 +1710,9 @@ def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state
     )
 
 
-def _gla_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                          dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_backward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1497,7 +1756,9 @@ def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_
 def _gla_no_tokens_backward(ctx, dfinal_state):
     """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    zeros = lambda x: None if x is None else torch.zeros(  # noqa: E731
+        x.shape, dtype=x.dtype, device=x.device,
+    )
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
@@ -1511,8 +1772,10 @@ class _gla_Function(torch.autograd.Function):
     The kernels run inside the operators _gla_forward_op and _gla_backward_op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                store_output, needs_grad):
+    def forward(
+        ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state,
+        store_output, needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1520,7 +1783,9 @@ class _gla_Function(torch.autograd.Function):
         if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
             initial_state = initial_state.contiguous()
         if B * T == 0:
-            return _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state)
+            return _gla_no_tokens_forward(
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+            )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
@@ -1530,10 +1795,13 @@ class _gla_Function(torch.autograd.Function):
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
         o, final_state, entering, exact_path = (_gla_run_forward if ctx.direct else _gla_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+            store_output,
             needs_grad,
         )
-        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path)
+        ctx.save_for_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path,
+        )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
@@ -1561,7 +1829,8 @@ class _gla_Function(torch.autograd.Function):
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
         dq, dk, dv, ddecay, dinitial_state = (_gla_run_backward if ctx.direct else _gla_backward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+            dfinal_state, num_seqs,
             longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
@@ -1573,8 +1842,9 @@ class _gla_Function(torch.autograd.Function):
         return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None, None
 
 
-def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None):
+def gla(
+    q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None):
     """causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate logsigmoid(x)/16.
 
     Args:
@@ -1603,7 +1873,9 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
     return _gla_call(q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+def _gla_call(
+    q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True,
+):
     """gla once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of gla_sp."""
     B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest = _gla_check_inputs(
@@ -1617,7 +1889,8 @@ def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqle
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _gla_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output, needs_grad
     )
     if not store_output:
         return None, final_state
@@ -1635,7 +1908,8 @@ def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
         block_e = min(_block(E_state), 64)
         _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
             q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D),
+            BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1703,13 +1977,19 @@ class _gla_SequenceParallel(torch.autograd.Function):
         states = _allgather(own_state, group)
         totals = _allgather(_gla_sp_totals(q, k, decay), group)
         # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
+        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(
+            own_state
+        )
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, decay)]
+            leaves = [
+                None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (
+                    q, k, v, decay,
+                )
+            ]
             start = entering.detach().requires_grad_()
             o, local_final = _gla_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -1732,7 +2012,8 @@ class _gla_SequenceParallel(torch.autograd.Function):
         kernel_decay = _tokenwise(decay)
         scale = _resolve_scale(ctx.scale, None, D)
         through_outputs = _gla_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale,
+            flat[3]
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -1746,8 +2027,12 @@ class _gla_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True))
-        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None for x in leaves)
+        grads = iter(
+            torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True)
+        )
+        dq, dk, dv, ddecay = (
+            next(grads) if x is not None and x.requires_grad else None for x in leaves
+        )
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -1786,7 +2071,10 @@ def _gla_k_map_reference(x):
     return x
 
 
-def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gla_reference(
+    q, k, v, gate_input, *, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None,
+):
     """The same function as `gla`, in plain PyTorch, for checking: any dtype
     (use float64), any device, O(T²) memory. Written as the masked 'parallel form'
     o_t = scale * sum_{s<=t} (φq(q_t) ⊙ decay(t, s)) · φk(k_s) v_s, not as chunks."""
@@ -1798,7 +2086,8 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
             o_i, s_i = gla_reference(
                 q[:, piece], k[:, piece], v[:, piece],
                 gate_input[:, piece],
-                scale=scale, initial_state=None if initial_state is None else initial_state[i : i + 1],
+                scale=scale,
+                initial_state=None if initial_state is None else initial_state[i : i + 1],
                 output_final_state=True,
             )
             outputs.append(o_i)
@@ -1808,7 +2097,9 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(
+            B, H, D, E_state,
+        )
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -1829,7 +2120,9 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
     exponent = exponent.masked_fill(~causal[None, :, :, None, None], float("-inf"))
     scores = torch.einsum("bthd,bshd,btshd->bhts", q, k_finite, exponent.exp())
     cum_end = cum[:, -1]  # [B, H, D]
-    state = cum_end.exp()[..., None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
+    state = cum_end.exp()[..., None] * (
+        initial_state.to(q.dtype) if initial_state is not None else 0.0
+    )
     state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp(), v)
     from_start = q * cum.exp()
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)

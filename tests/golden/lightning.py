@@ -73,7 +73,9 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}")
+        raise ValueError(
+            f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}"
+        )
 
 
 def _check_shape(name, x, expected, layout):
@@ -94,7 +96,9 @@ def _check_device(device, **tensors):
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
+            raise ValueError(
+                f"{name} is on {x.device} but q is on {device}; move all inputs to one device"
+            )
 
 
 def _equal_sequence_starts(batch, length, device):
@@ -131,14 +135,20 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
+        torch.int32, torch.int64,
+    ):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
-        raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}")
+        raise ValueError(
+            f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}"
+        )
     num_seqs = cu_seqlens.shape[0] - 1
     # The kernels read it as a dense int32 array, whatever view the caller passed.
     dense = cu_seqlens.to(torch.int32).contiguous()
@@ -148,7 +158,9 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
         return torch.cat([ends[:1], bounds[1:-1], ends[1:]]), num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}"
+        )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
             "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
@@ -230,7 +242,9 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}")
+        raise ValueError(
+            f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}"
+        )
 
 
 def _forward_block_e(config, rows, E, device):
@@ -254,18 +268,22 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device)
+    segment_cu = torch.empty(
+        num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device,
+    )
     segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
-        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts, num_seqs=num_seqs,
+        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
+        num_seqs=num_seqs,
         per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
 
 @triton.jit
-def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-                           BLOCK: tl.constexpr):
+def _segment_bounds_kernel(
+    cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
+    BLOCK: tl.constexpr):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -296,7 +314,9 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(_kernel_dtype(x.dtype, x.device)).contiguous()
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(
+        _kernel_dtype(x.dtype, x.device)
+    ).contiguous()
 
 
 def _allgather(tensor, group):
@@ -464,9 +484,13 @@ def _lightning_fwd_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
+        tl.float32
+    )
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair_decay = tl.exp(  # the same in every chunk
+        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
+    )
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -475,16 +499,28 @@ def _lightning_fwd_kernel(
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state, mask=state_mask)
+                tl.store(
+                    segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state,
+                    mask=state_mask,
+                )
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_q = tl.load(
+            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         if STORE_OUTPUT:
@@ -505,7 +541,10 @@ def _lightning_fwd_kernel(
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
+        tl.store(
+            nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e,
+            tl.where(_all_finite(state), 0, 1),
+        )
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
@@ -541,9 +580,13 @@ def _lightning_fwd_again_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
+        tl.float32
+    )
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair_decay = tl.exp(  # the same in every chunk
+        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
+    )
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -552,18 +595,31 @@ def _lightning_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_q = tl.load(
+            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
         o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-        scores = tl.dot(q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION)
+        scores = tl.dot(
+            q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION,
+        )
         scores = tl.where(causal, scores * pair_decay, 0.0)
-        o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
+        o += tl.dot(
+            scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION,
+        )
         o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
         tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
                  (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
@@ -596,9 +652,13 @@ def _lightning_bwd_dq_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
+        tl.float32
+    )
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair_decay = tl.exp(  # the same in every chunk
+        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
+    )
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -607,12 +667,24 @@ def _lightning_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_q = tl.load(
+            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
+        do = tl.load(
+            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
         dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -639,7 +711,8 @@ def _lightning_bwd_dq_kernel(
 
 @triton.jit
 def _lightning_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
+    dfinal_state_ptr, dinitial_state_ptr,
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
@@ -667,9 +740,13 @@ def _lightning_bwd_dkv_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
+        tl.float32
+    )
     anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
-    pair_decay = tl.exp(tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf")))  # the same in every chunk
+    pair_decay = tl.exp(  # the same in every chunk
+        tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf"))
+    )
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -681,12 +758,24 @@ def _lightning_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_q = tl.load(
+            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
+        x_k = tl.load(
+            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
+            other=0.0,
+        ).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        v = tl.load(
+            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
+        do = tl.load(
+            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
+            other=0.0,
+        )
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
 
@@ -703,16 +792,22 @@ def _lightning_bwd_dkv_kernel(
             # Later chunks see this chunk's keys and values through the state.
             dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
             to_end = tl.exp(b_last - b[:, None])
-            dv_via_state = tl.dot((k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+            dv_via_state = tl.dot(
+                (k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION,
+            )
             dk = dk * scale + dk_via_state * to_end
             dv = dv * scale + dv_via_state
         # dL/dS at the end of the previous chunk.
         q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+        dstate = dstate * tl.exp(b_last) + scale * tl.dot(
+            tl.trans(q_from_start), do, input_precision=PRECISION,
+        )
         if not STATE_ONLY:
             if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                 tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(k * dk, axis=1), mask=mask_t)
-                dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q  # the pair (t, t)
+                dk += scale * tl.sum(  # the pair (t, t)
+                    v.to(tl.float32) * do.to(tl.float32), axis=1,
+                )[:, None] * q
             dx_k = _lightning_k_map_backward(x_k, k, dk, mask_td)
             tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                      dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
@@ -776,11 +871,17 @@ def _lightning_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
+        tl.float32
+    )
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
+        tl.float32
+    )
     q = _lightning_q_map(x_q, mask_d)
     k = _lightning_k_map(x_k, mask_d)
-    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0).to(tl.float32)
+    v = tl.load(
+        v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0,
+    ).to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -805,7 +906,9 @@ def _lightning_check_arguments(unexpected, slope):
 def _lightning_check_decay_input(slope, leading, leading_names, H, H_kv, D):
     """The decay input's shape and dtype; `leading` are the dims before the head dim
     ((B, T) in a call, (B,) in a decoding step; the per-head slope has none)."""
-    _check_tensor("slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    _check_tensor(
+        "slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    )
     _check_shape("slope", slope, (H,), ("H",))
 
 
@@ -863,8 +966,10 @@ def _lightning_config(D, E):
 def _lightning_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
-        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
+        H=H, HKV=k.shape[1], D=D, E=v.shape[2],
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
+        BLOCK_E=block_e, PRECISION=_precision(q.dtype),
+        num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
     )
 
@@ -889,7 +994,9 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     config = _lightning_config(D, E)
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
-    segment_len = _segment_length(config["segment"], longest, programs, config["chunk"], device, forward=True)
+    segment_len = _segment_length(
+        config["segment"], longest, programs, config["chunk"], device, forward=True,
+    )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
     if segment_len is not None or not needs_grad:
@@ -897,8 +1004,9 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     return config, None, _lightning_backward_segment_length(config, longest, num_seqs * H, device)
 
 
-def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-                            config):
+def _lightning_segment_states(
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
+    config):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -910,9 +1018,12 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None,
+        segment_len=0,
         nonfinite_ptr=None, cu_seqlens=segment_cu, scale=1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        STORE_SEGMENT_STATES=False,
         **_lightning_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
@@ -920,7 +1031,8 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
         local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
+        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
+        REVERSE=False,
     )
     return segment_cu, segment_starts, entering
 
@@ -936,15 +1048,19 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_seqs, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
+        db_ptr=None,
+        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_lightning_launch_args(q, k, v, config, _block(E), backward=True),
     )
     return dinitial_state
 
 
-def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+def _lightning_outputs_again_where_nonfinite(
+    grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+):
     """The programs of the forward launch just made whose state came out NaN or inf
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _lightning_fwd_again_kernel); the others return at once."""
@@ -955,8 +1071,10 @@ def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_st
     )
 
 
-def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len, cu_seqlens,
-                     scale, config):
+def _lightning_outputs(
+    q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
+    cu_seqlens,
+    scale, config):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -964,24 +1082,34 @@ def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, 
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _launch(_lightning_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
-        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite, cu_seqlens=cu_seqlens, scale=scale,
-        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,
+        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
+        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
+        cu_seqlens=cu_seqlens, scale=scale,
+        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
+        STORE_OUTPUT=True,
         STORE_SEGMENT_STATES=entering is not None, **launch,
     )
-    _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
+    _lightning_outputs_again_where_nonfinite(
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+    )
 
 
-def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
-                    store_output, needs_grad):
+def _lightning_forward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+    store_output, needs_grad):
     """The forward pass (see _lightning_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
     """
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
-    config, segment_len, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
-    final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    config, segment_len, saved_len = _lightning_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+    )
+    final_state = torch.empty(
+        num_seqs, H, D, E, dtype=torch.float32, device=q.device,
+    ) if output_final_state else None
     if not store_output:
         _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
@@ -991,18 +1119,26 @@ def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
-        _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
-                        scale, config)
+            entering = torch.empty(
+                num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device,
+            )
+        _lightning_outputs(
+            q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
+            cu_seqlens,
+            scale, config)
         return o, final_state, entering
-    segment_cu, _, entering = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                                      segment_len, final_state, config)
-    _lightning_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config)
+    segment_cu, _, entering = _lightning_segment_states(
+        q, k, v, decay, initial_state, cu_seqlens, longest,
+        segment_len, final_state, config)
+    _lightning_outputs(
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config,
+    )
     return o, final_state, entering
 
 
-def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-                     store_output, do, dfinal_state, needs_decay_grad):
+def _lightning_backward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+    store_output, do, dfinal_state, needs_decay_grad):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
     segments the forward pass cut or stored (see _lightning_plan), or None."""
@@ -1045,26 +1181,34 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
         _launch(_lightning_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal, cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
+            db_ptr=None,
+            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            cu_seqlens=seq_cu, scale=scale,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
+            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state,
+            out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
+            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
+            REVERSE=True,
         )
     grid = (1, num_segments * H)
     _launch(_lightning_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,        initial_state_ptr=seq_init, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init, cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _launch(_lightning_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state, cu_seqlens=seq_cu, scale=scale,
-        HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
+        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        cu_seqlens=seq_cu, scale=scale,
+        HAS_DFINAL_STATE=seq_dfinal is not None,
+        STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
     if group > 1:
@@ -1081,16 +1225,21 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         #                                             = -sum_u (position of u + 1) * db_u.
         db = db_q - db_k
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=N)  # no host sync
+        first = torch.repeat_interleave(  # no host sync
+            cu_seqlens[:-1].long(), lengths, output_size=N,
+        )
         ddecay = -((torch.arange(N, device=q.device) - first + 1).to(db.dtype)[:, None] * db).sum(0)
         if final_term is not None:
             ddecay -= (lengths[:, None] * final_term).sum(0)
-        ddecay = torch.where(-decay < LOG_DECAY_FLOOR, 0.0, ddecay)  # raised to the floor: no gradient
+        ddecay = torch.where(  # raised to the floor: no gradient
+            -decay < LOG_DECAY_FLOOR, 0.0, ddecay,
+        )
     return dq, dk, dv, ddecay, dinitial_state
 
 
-def _lightning_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                        store_output, needs_grad):
+def _lightning_run_forward(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
@@ -1106,16 +1255,20 @@ def _lightning_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, 
     return o, final_state, entering, exact_path
 
 
-def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                            store_output, needs_grad):
+def _lightning_forward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """The operator lightning_forward: _lightning_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
     q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
     o, final_state, entering, exact_path = _lightning_run_forward(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output,
         needs_grad,
     )
-    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
+    empty_state = lambda: q.new_empty(  # noqa: E731
+        (0, *q.shape[1:], v.shape[2]), dtype=torch.float32,
+    )
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1124,12 +1277,15 @@ def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_se
     )
 
 
-def _lightning_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                         store_output, needs_grad):
+def _lightning_forward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad):
     """Shapes and dtypes of _lightning_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
-    _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
+    _, _, saved_len = _lightning_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+    )
     saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
     return (
         q.new_empty((N, H, E), dtype=q.dtype),
@@ -1139,26 +1295,30 @@ def _lightning_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs,
     )
 
 
-def _lightning_run_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                         dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_run_backward(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _lightning_backward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering, store_output, do,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+        store_output, do,
         dfinal_state, needs_decay_grad=needs_decay_grad,
     )
 
 
-def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                             dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_backward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     """The operator lightning_backward: _lightning_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
     dq, dk, dv, ddecay, dinitial_state = _lightning_run_backward(
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering if entering.shape[0] > 0 else None,
+        q, k, v, decay, initial_state, cu_seqlens, final_state,
+        entering if entering.shape[0] > 0 else None,
         exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
     )
     return (
@@ -1168,8 +1328,9 @@ def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final
     )
 
 
-def _lightning_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                          dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_backward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1213,7 +1374,9 @@ def _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, o
 def _lightning_no_tokens_backward(ctx, dfinal_state):
     """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    zeros = lambda x: None if x is None else torch.zeros(  # noqa: E731
+        x.shape, dtype=x.dtype, device=x.device,
+    )
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
@@ -1227,8 +1390,10 @@ class _lightning_Function(torch.autograd.Function):
     The kernels run inside the operators _lightning_forward_op and _lightning_backward_op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                store_output, needs_grad):
+    def forward(
+        ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state,
+        store_output, needs_grad):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1236,7 +1401,9 @@ class _lightning_Function(torch.autograd.Function):
         if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
             initial_state = initial_state.contiguous()
         if B * T == 0:
-            return _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state)
+            return _lightning_no_tokens_forward(
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+            )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
@@ -1246,10 +1413,13 @@ class _lightning_Function(torch.autograd.Function):
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
         o, final_state, entering, exact_path = (_lightning_run_forward if ctx.direct else _lightning_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+            store_output,
             needs_grad,
         )
-        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path)
+        ctx.save_for_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path,
+        )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
@@ -1277,7 +1447,8 @@ class _lightning_Function(torch.autograd.Function):
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
         dq, dk, dv, ddecay, dinitial_state = (_lightning_run_backward if ctx.direct else _lightning_backward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+            dfinal_state, num_seqs,
             longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
@@ -1287,8 +1458,9 @@ class _lightning_Function(torch.autograd.Function):
         return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None, None
 
 
-def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None):
+def lightning(
+    q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None):
     """causal, linear attention, per-head decay exp(-slope_h), feature map identity.
 
     Args:
@@ -1317,7 +1489,9 @@ def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, 
     return _lightning_call(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+def _lightning_call(
+    q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True,
+):
     """lightning once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of lightning_sp."""
     B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest = _lightning_check_inputs(
@@ -1331,7 +1505,8 @@ def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _lightning_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output, needs_grad
     )
     if not store_output:
         return None, final_state
@@ -1349,7 +1524,8 @@ def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
         block_e = min(_block(E_state), 64)
         _lightning_step_kernel[(_cdiv(E_state, block_e), B * H)](
             q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D),
+            BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1417,13 +1593,19 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         states = _allgather(own_state, group)
         totals = _allgather(_lightning_sp_totals(q, k, decay), group)
         # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
+        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(
+            own_state
+        )
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None, None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, decay)]
+            leaves = [
+                None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (
+                    q, k, v, decay,
+                )
+            ]
             start = entering.detach().requires_grad_()
             o, local_final = _lightning_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -1446,7 +1628,8 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         kernel_decay = decay.float().contiguous()
         scale = _resolve_scale(ctx.scale, 1.0, D)
         through_outputs = _lightning_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale,
+            flat[3]
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -1460,8 +1643,12 @@ class _lightning_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None, None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True))
-        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None for x in leaves)
+        grads = iter(
+            torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True)
+        )
+        dq, dk, dv, ddecay = (
+            next(grads) if x is not None and x.requires_grad else None for x in leaves
+        )
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -1500,7 +1687,9 @@ def _lightning_k_map_reference(x):
     return x
 
 
-def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def lightning_reference(
+    q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+):
     """The same function as `lightning`, in plain PyTorch, for checking: any dtype
     (use float64), any device, O(T²) memory. Written as the masked 'parallel form'
     o_t = scale * sum_{s<=t} (φq(q_t) ⊙ decay(t, s)) · φk(k_s) v_s, not as chunks."""
@@ -1512,7 +1701,8 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
             o_i, s_i = lightning_reference(
                 q[:, piece], k[:, piece], v[:, piece],
                 slope,
-                scale=scale, initial_state=None if initial_state is None else initial_state[i : i + 1],
+                scale=scale,
+                initial_state=None if initial_state is None else initial_state[i : i + 1],
                 output_final_state=True,
             )
             outputs.append(o_i)
@@ -1522,7 +1712,9 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(
+            B, H, D, E_state,
+        )
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0
@@ -1543,8 +1735,12 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
     exponent = exponent.masked_fill(~causal[None, :, :, None], float("-inf"))
     scores = torch.einsum("bthd,bshd->bhts", q, k_finite) * exponent.exp().permute(0, 3, 1, 2)
     cum_end = cum[:, -1]  # [B, H]
-    state = cum_end.exp()[..., None, None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
-    state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp()[..., None], v)
+    state = cum_end.exp()[..., None, None] * (
+        initial_state.to(q.dtype) if initial_state is not None else 0.0
+    )
+    state = state + torch.einsum(
+        "bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp()[..., None], v,
+    )
     from_start = q * cum.exp()[..., None]
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
     o = torch.where(reached, float("nan"), o)
