@@ -173,8 +173,10 @@ def _wrap(line: str, tokens: list[_Token], inside_brackets: bool, width: int) ->
     pieces = _top_level_pieces(line, tokens[i + 1:close], tokens[i].end, tokens[close].start)
     head = line[: tokens[i].end] + comment
     tail = indent + line[tokens[close].start: code_end]
-    # A single argument stays one piece (and gets no comma: `(x)` is not `(x,)`).
-    body = _fill(pieces, indent + " " * 4, width, "", trailing_comma=len(pieces) > 1)
+    # A single argument gets no comma (`(x)` is not `(x,)`), nor a comprehension (its
+    # commas are the `for` target's).
+    comprehension = _has_top_level(tokens[i + 1:close], "for")
+    body = _fill(pieces, indent + " " * 4, width, "", trailing_comma=len(pieces) > 1 and not comprehension)
     return [head, *(piece for b in body for piece in _wrap_again(b, width)), tail]
 
 
@@ -205,6 +207,18 @@ def _wrap_again(line: str, width: int) -> list[str]:
     shift = len(indent)
     tokens = [_Token(t.kind, t.text, t.start + shift, t.end + shift) for t in by_line.get(1, [])]
     return _wrap(line, tokens, False, width)
+
+
+def _has_top_level(tokens: list[_Token], keyword: str) -> bool:
+    depth = 0
+    for tok in tokens:
+        if tok.kind == tokenize.OP and tok.text in _OPEN:
+            depth += 1
+        elif tok.kind == tokenize.OP and tok.text in _CLOSE:
+            depth -= 1
+        elif tok.kind == tokenize.NAME and tok.text == keyword and depth == 0:
+            return True
+    return False
 
 
 def _balanced(tokens: list[_Token]) -> bool:

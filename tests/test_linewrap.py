@@ -64,11 +64,17 @@ SNIPPETS = [
 ]
 
 
+SNIPPETS.append('x = f(f"{a}, {b(c, d)}", f"{e!r:>{width}}", g(h, i), j, k, l, m, n, o, p, q, r, s, t, u, v, w)\n')
+
+
+@pytest.mark.parametrize("width", [30, 50, 100])
 @pytest.mark.parametrize("snippet", SNIPPETS)
-def test_snippets_keep_their_tree(snippet):
-    wrapped = wrap_long_lines(snippet)
+def test_snippets_keep_their_tree(snippet, width):
+    # Narrow widths break inside the brackets too (a comprehension's `for x, y` target
+    # once got a trailing comma there: a syntax error).
+    wrapped = wrap_long_lines(snippet, width=width)
     assert same_tree(snippet, wrapped)
-    assert wrap_long_lines(wrapped) == wrapped
+    assert wrap_long_lines(wrapped, width=width) == wrapped
 
 
 def test_breaks_code_lines_and_keeps_strings():
