@@ -453,12 +453,282 @@ def _gla_log_decay(x):
 
 
 @triton.jit
+def _gla_program(cu_seqlens, H: tl.constexpr, HKV: tl.constexpr):
+    """This program's value block i_e, sequence i_n, query head i_h and the key/value head
+    i_hk serving it, the sequence's first token bos and its length (the grid is value
+    blocks x sequences * heads)."""
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return i_e, i_n, i_h, i_h // (H // HKV), bos, seq_len
+
+
+@triton.jit
+def _gla_at(ptr, bos, rows, head, cols, HEADS: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to the [rows, cols] tile of one head of a [tokens, HEADS, WIDTH] array."""
+    return ptr + ((bos + rows[:, None]) * HEADS + head) * WIDTH + cols[None, :]
+
+
+@triton.jit
+def _gla_chunk_queries(
+    q_ptr, bos, rows, i_h, offs_d, mask_td, H: tl.constexpr, D: tl.constexpr,
+):
+    """The raw queries of some rows (fp32) and their features φq, zero outside mask_td."""
+    x_q = tl.load(_gla_at(q_ptr, bos, rows, i_h, offs_d, H, D), mask=mask_td, other=0.0)
+    x_q = x_q.to(tl.float32)
+    return x_q, _gla_q_map(x_q, mask_td)
+
+
+@triton.jit
+def _gla_chunk_keys(
+    k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
+):
+    """The raw keys of some rows (fp32) and their features φk, zero outside mask_td."""
+    x_k = tl.load(_gla_at(k_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
+    x_k = x_k.to(tl.float32)
+    return x_k, _gla_k_map(x_k, mask_td)
+
+
+@triton.jit
+def _gla_chunk_log_decay(
+    decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
+):
+    """The chunk's in-chunk cumulative log decay b = cumsum(g) [BLOCK_T, BLOCK_D] and
+    its last row b_last, from the log decays g (one per key channel), 0 on the rows past the
+    sequence's end so that the sums stay flat there."""
+    x_g = tl.load(_gla_at(decay_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
+    g = tl.where(mask_td, _gla_log_decay(x_g.to(tl.float32)), 0.0)
+    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+@triton.jit
+def _gla_carry_state(
+    state, k, v, b, b_last, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state carried to the end of the chunk: S exp(b_last) + (φk ⊙ exp(b_last - b))ᵀ v."""
+    k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
+    decayed = state * tl.exp(b_last[:, None])
+    return decayed + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_carry_dstate(
+    dstate, q, do, b, b_last, scale, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dS at the start of the chunk (the end of the previous one), from dL/dS at its end."""
+    q_from_start = (q * tl.exp(b)).to(dot_dtype)
+    decayed = dstate * tl.exp(b_last[:, None])
+    return decayed + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_row_of(tile, offs, r):
+    """Row r of tile (its rows numbered by offs) as a [1, columns] tile."""
+    return tl.sum(tl.where(offs[:, None] == r, tile, 0.0), axis=0)[None, :]
+
+
+@triton.jit
+def _gla_one_row(
+    ptr, bos, row, head, cols, mask_cols, seq_len, HEADS: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """Row `row` of one head of a [tokens, HEADS, WIDTH] array as a [1, cols] tile, fp32,
+    zero past the sequence's end, and its mask."""
+    # From tiles, not a scalar comparison: Triton 3.9's interpreter refuses a mask of a
+    # tile and a scalar.
+    mask = mask_cols[None, :] & (cols[None, :] * 0 + row < seq_len)
+    x = tl.load(ptr + ((bos + row) * HEADS + head) * WIDTH + cols[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32), mask
+
+
+@triton.jit
+def _gla_sub_block(
+    decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk, HKV: tl.constexpr,
+    D: tl.constexpr, SUB: tl.constexpr,
+):
+    """Sub-block i of the chunk (rows start + i * SUB ...): its rows, their masks [SUB] and
+    [SUB, BLOCK_D], b_before, the chunk-relative cumulative log decay b at the row before
+    it [1, BLOCK_D] (0 for the first), and its rows' own, b_i [SUB, BLOCK_D], summed on from
+    b_before over their log decays."""
+    rows_i = start + i * SUB + offs_sub
+    mask_i = rows_i < seq_len
+    mask_id = mask_i[:, None] & mask_d[None, :]
+    b_before = _gla_row_of(b, offs_t, i * SUB - 1)
+    x_gi = tl.load(_gla_at(decay_ptr, bos, rows_i, i_hk, offs_d, HKV, D), mask=mask_id,
+                   other=0.0)
+    g_i = tl.where(mask_id, _gla_log_decay(x_gi.to(tl.float32)), 0.0)
+    return rows_i, mask_i, mask_id, b_before, b_before + tl.cumsum(g_i, axis=0)
+
+
+@triton.jit
+def _gla_fast_chunk_output(
+    q, k_to_start, v, state, b, offs_t, split_dtype: tl.constexpr, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fast path: the chunk's outputs before the scale, as one block, each pair's decay
+    split at the chunk start. k_to_start = φk ⊙ exp(-b), in split_dtype."""
+    q_from_start = (q * tl.exp(b)).to(split_dtype)
+    # What the state carried in from earlier chunks contributes, then the chunk itself.
+    o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
+    scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
+    scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
+    return o + tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_exact_output_before(
+    q_i, b_i, b_before, b, k, v, offs_t, first_row, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Exact path: what the chunk's rows before a sub-block (those < first_row, its first)
+    contribute to its outputs, each pair's decay split at the row before the sub-block."""
+    k_before = k * tl.exp(tl.where(offs_t[:, None] < first_row, b_before - b, float("-inf")))
+    q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
+    scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
+    return tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_exact_output_within(
+    o_i, q_i, b_i, k_ptr, v_ptr, bos, first_row, seq_len, i_hk, offs_sub, offs_d, mask_d, offs_e,
+    mask_e, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: o_i plus the pairs within the sub-block whose first row is first_row, one
+    key row at a time, with NaN and inf entries of keys and values zeroed."""
+    for s in range(0, SUB):
+        row_s = first_row + s
+        x_ks, mask_s = _gla_one_row(k_ptr, bos, row_s, i_hk, offs_d, mask_d, seq_len, HKV, D)
+        k_s = _finite_or_zero(_gla_k_map(x_ks, mask_s))
+        v_s, _ = _gla_one_row(v_ptr, bos, row_s, i_hk, offs_e, mask_e, seq_len, HKV, E)
+        b_s = _gla_row_of(b_i, offs_sub, s)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+        # where, not a product with the mask's zeros: q·k may overflow.
+        pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)
+        o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+    return o_i
+
+
+@triton.jit
+def _gla_fast_chunk_dq(
+    do, k_to_start, v, state, b, offs_t, scale, split_dtype: tl.constexpr, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fast path: d(loss)/d(φq) of the chunk as one block, decays split at the chunk start."""
+    dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
+    dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
+    dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+    return dq * (tl.exp(b) * scale)
+
+
+@triton.jit
+def _gla_exact_dq_before(
+    do_i, b_i, b_before, b, k, v, offs_t, first_row, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Exact path: d(loss)/d(φq) of a sub-block through the chunk's rows before it (those
+    < first_row), each pair's decay split at the row before the sub-block."""
+    k_before = k * tl.exp(tl.where(offs_t[:, None] < first_row, b_before - b, float("-inf")))
+    dscores = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
+    dq_i = tl.dot(dscores.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION)
+    return dq_i * tl.exp(b_i - b_before)
+
+
+@triton.jit
+def _gla_exact_dq_within(
+    dq_i, do_i, b_i, k_ptr, v_ptr, bos, first_row, seq_len, i_hk, offs_sub, offs_d, mask_d, offs_e,
+    mask_e, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: dq_i plus the share of the pairs within the sub-block whose first row is
+    first_row, one key row at a time."""
+    for s in range(0, SUB):
+        row_s = first_row + s
+        x_ks, mask_s = _gla_one_row(k_ptr, bos, row_s, i_hk, offs_d, mask_d, seq_len, HKV, D)
+        k_s = _gla_k_map(x_ks, mask_s)
+        v_s, _ = _gla_one_row(v_ptr, bos, row_s, i_hk, offs_e, mask_e, seq_len, HKV, E)
+        b_s = _gla_row_of(b_i, offs_sub, s)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+        dscores = tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None]
+        dq_i += tl.where(offs_sub[:, None] >= s, dscores * k_s * decay_ts, 0.0)
+    return dq_i
+
+
+@triton.jit
+def _gla_fast_chunk_dkv(
+    q, k, v, do, dstate, b, b_last, offs_t, scale, split_dtype: tl.constexpr,
+    dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fast path: d(loss)/d(φk) and d(loss)/dv of the chunk as one block, decays split at
+    the chunk start (dstate: dL/dS at the chunk's end)."""
+    q_from_start = (q * tl.exp(b)).to(split_dtype)
+    from_start = tl.exp(-b)
+    k_to_start = (k * from_start).to(split_dtype)
+    anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
+    scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
+    scores_t = tl.where(anticausal, scores_t, 0.0)
+    dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dscores_t = tl.where(anticausal, dscores_t, 0.0)
+    # Later chunks see these keys and values through the state, decayed from each row
+    # to the chunk end: exp(b_last - b) = exp(-b) exp(b_last), the second factor taken
+    # into dL/dS (dstate_end) rather than a tile of exps.
+    dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
+    dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
+    dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
+    dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * scale
+    dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
+    return dk * from_start, dv
+
+
+@triton.jit
+def _gla_exact_dkv_after(
+    q, do, k_j, v_j, b, b_j, offs_t, end_row, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Exact path: d(loss)/d(φk) and d(loss)/dv of a sub-block through the chunk's rows
+    after it (those >= end_row, the first after it), each pair's decay split at the
+    sub-block's last row."""
+    b_end = _gla_row_of(b, offs_t, end_row - 1)
+    q_after = q * tl.exp(tl.where(offs_t[:, None] >= end_row, b - b_end, float("-inf")))
+    to_end = tl.exp(b_end - b_j)
+    k_to_end = k_j * to_end
+    q_after = q_after.to(dot_dtype)
+    scores = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after), input_precision=PRECISION)
+    dv_j = tl.dot(scores.to(dot_dtype), do, input_precision=PRECISION)
+    dscores = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
+    dk_j = tl.dot(dscores.to(dot_dtype), q_after, input_precision=PRECISION)
+    return dk_j * to_end, dv_j
+
+
+@triton.jit
+def _gla_exact_dkv_within(
+    dk_j, dv_j, k_j, v_j, b_j, q_ptr, do_ptr, bos, first_row, seq_len, i_h, offs_sub, offs_d,
+    mask_d, offs_e, mask_e, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: dk_j and dv_j plus the share of the pairs within the sub-block whose
+    first row is first_row, one query row at a time."""
+    for t in range(0, SUB):
+        row_t = first_row + t
+        x_qt, mask_q = _gla_one_row(q_ptr, bos, row_t, i_h, offs_d, mask_d, seq_len, H, D)
+        q_t = _gla_q_map(x_qt, mask_q)
+        do_t, _ = _gla_one_row(do_ptr, bos, row_t, i_h, offs_e, mask_e, seq_len, H, E)
+        b_t = _gla_row_of(b_j, offs_sub, t)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_j, float("-inf")))
+        scores = tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)
+        dv_j += scores[:, None] * do_t
+        dscores = tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None]
+        dk_j += tl.where(offs_sub[:, None] <= t, dscores * q_t * decay_ts, 0.0)
+    return dk_j, dv_j
+
+
+@triton.jit
 def _gla_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr,
+    final_state_ptr, segment_states_ptr, segment_starts, segment_len, nonfinite_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
     STORE_SEGMENT_STATES: tl.constexpr,
 ):
@@ -471,17 +741,11 @@ def _gla_fwd_kernel(
     that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
     nonfinite_ptr, a program whose state came out NaN or inf (see
     _gla_fwd_again_kernel)."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -494,39 +758,32 @@ def _gla_fwd_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the scan
     for start in range(0, seq_len, BLOCK_T):
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state, mask=state_mask)
+                segment_offs = (at * D + offs_d[:, None]) * E + offs_e[None, :]
+                tl.store(segment_states_ptr + segment_offs, state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                      mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        b, b_last = _gla_chunk_log_decay(
+            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
         if FAST_PATH:
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
             if STORE_OUTPUT:
-                x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-                q = _gla_q_map(x_q, mask_td)
-                q_from_start = (q * tl.exp(b)).to(split_dtype)
-                # What the state carried in from earlier chunks contributes, then the chunk itself.
-                o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
-                scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
-                scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
-                o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-                tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                _, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+                o = _gla_fast_chunk_output(
+                    q, k_to_start, v, state, b, offs_t, split_dtype, dot_dtype, PRECISION)
+                tl.store(_gla_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
             # Keys taken back to the chunk start, then the whole state to its end: the
             # same as k ⊙ exp(b_last - b), without another exp of the tile.
@@ -534,60 +791,49 @@ def _gla_fwd_kernel(
             state *= tl.exp(b_last[:, None])
         else:  # the exact path
             if STORE_OUTPUT:
-                # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+                # NaN and inf entries zeroed in the products, their rows marked afterwards (see
+                # _all_finite).
                 first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
                 k_finite = _finite_or_zero(k)
                 v_finite = _finite_or_zero(v).to(dot_dtype)
                 for i in tl.static_range(BLOCK_T // SUB):
-                    rows_i = start + i * SUB + offs_sub
-                    mask_i = rows_i < seq_len
-                    mask_id = mask_i[:, None] & mask_d[None, :]
-                    b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
-                    q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
+                    rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                        decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
+                        HKV, D, SUB)
+                    _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
                     # What the state carried in from earlier chunks contributes.
-                    o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
+                    q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
+                    o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
                     if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                        k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                        scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
-                                        tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                        o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
-                    for s in range(0, SUB):  # the sub-block itself, one key row at a time
-                        row_s = start + i * SUB + s
-                        mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                        x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                        k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
-                        v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                      mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
-                        b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                        pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
-                        o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+                        o_i += _gla_exact_output_before(
+                            q_i, b_i, b_before, b, k_finite, v_finite, offs_t, i * SUB, dot_dtype,
+                            PRECISION)
+                    o_i = _gla_exact_output_within(
+                        o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                        offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
                     o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
-                    tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
-            # Carry the state to the end of this chunk.
-            k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-            state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+                    tl.store(_gla_at(o_ptr, bos, rows_i, i_h, offs_e, H, E),
+                             (o_i * scale).to(o_ptr.dtype.element_ty),
+                             mask=mask_i[:, None] & mask_e[None, :])
+            state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
         decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
+        nonfinite = tl.where(_all_finite(state), 0, 1)
+        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, nonfinite)
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
+        total_at = (i_n * H + i_h) * D + offs_d
+        tl.store(decay_total_ptr + total_at, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
 def _gla_fwd_again_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
 ):
     """Launched after each _gla_fwd_kernel that stores outputs, on the same grid: a
@@ -598,17 +844,11 @@ def _gla_fwd_again_kernel(
     The others, all of them unless some input is NaN or inf, return at once."""
     if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
         return
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -618,6 +858,7 @@ def _gla_fwd_again_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -626,75 +867,52 @@ def _gla_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                      mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
-        # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        b, b_last = _gla_chunk_log_decay(
+            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
+        # NaN and inf entries zeroed in the products, their rows marked afterwards (see
+        # _all_finite).
         first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
         k_finite = _finite_or_zero(k)
         v_finite = _finite_or_zero(v).to(dot_dtype)
         for i in tl.static_range(BLOCK_T // SUB):
-            rows_i = start + i * SUB + offs_sub
-            mask_i = rows_i < seq_len
-            mask_id = mask_i[:, None] & mask_d[None, :]
-            b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-            x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                           mask=mask_id, other=0.0).to(tl.float32)
-            g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-            b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-            x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id, other=0.0)
-            q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
+            rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
+                HKV, D, SUB)
+            _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
             # What the state carried in from earlier chunks contributes.
-            o_i = tl.dot((q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION)
+            q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
+            o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
             if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
-                                tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
-            for s in range(0, SUB):  # the sub-block itself, one key row at a time
-                row_s = start + i * SUB + s
-                mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
-                v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
-                b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)  # where: q·k may overflow
-                o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+                o_i += _gla_exact_output_before(
+                    q_i, b_i, b_before, b, k_finite, v_finite, offs_t, i * SUB, dot_dtype,
+                    PRECISION)
+            o_i = _gla_exact_output_within(
+                o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
             o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
-            tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                     (o_i * scale).to(o_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+            tl.store(_gla_at(o_ptr, bos, rows_i, i_h, offs_e, H, E),
+                     (o_i * scale).to(o_ptr.dtype.element_ty),
+                     mask=mask_i[:, None] & mask_e[None, :])
+        state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _gla_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -707,6 +925,7 @@ def _gla_bwd_dq_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -715,77 +934,55 @@ def _gla_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _gla_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                      mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        b, b_last = _gla_chunk_log_decay(
+            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
         if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-            x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-            q = _gla_q_map(x_q, mask_td)
-            do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+            x_q, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+            do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
-            dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
-            dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
-            dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
-            dq *= tl.exp(b) * scale
+            dq = _gla_fast_chunk_dq(
+                do, k_to_start, v, state, b, offs_t, scale, split_dtype, dot_dtype, PRECISION)
             if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq, mask=mask_td)
+                tl.store(_gla_at(db_ptr, bos, rows, i_h, offs_d, H, D), q * dq, mask=mask_td)
             dx_q = _gla_q_map_backward(x_q, q, dq, mask_td)
-            tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+            tl.store(_gla_at(dq_ptr, bos, rows, i_h, offs_d, H, D),
                      dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
         else:  # the exact path
             for i in tl.static_range(BLOCK_T // SUB):
-                rows_i = start + i * SUB + offs_sub
-                mask_i = rows_i < seq_len
-                mask_id = mask_i[:, None] & mask_d[None, :]
-                b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                q_i = _gla_q_map(x_qi, mask_id)
-                do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                               mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION) * tl.exp(b_i)
-                if i > 0:
-                    k_before = k * tl.exp(tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf")))
-                    dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                    dq_i += tl.dot(dscores_before.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_i - b_before[None, :])
-                for s in range(0, SUB):
-                    row_s = start + i * SUB + s
-                    mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                    x_ks = tl.load(k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s, other=0.0)
-                    k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
-                    v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len), other=0.0).to(tl.float32)
-                    b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                    decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                    dq_i += tl.where(offs_sub[:, None] >= s, tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0)
+                rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                    decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
+                    HKV, D, SUB)
+                x_qi, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
+                mask_ie = mask_i[:, None] & mask_e[None, :]
+                do_i = tl.load(_gla_at(do_ptr, bos, rows_i, i_h, offs_e, H, E), mask=mask_ie,
+                               other=0.0)
+                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+                dq_i = dq_i * tl.exp(b_i)
+                if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
+                    dq_i += _gla_exact_dq_before(
+                        do_i, b_i, b_before, b, k, v, offs_t, i * SUB, dot_dtype, PRECISION)
+                dq_i = _gla_exact_dq_within(
+                    dq_i, do_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                    offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
                 dq_i *= scale
                 if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], q_i * dq_i, mask=mask_id)
+                    tl.store(_gla_at(db_ptr, bos, rows_i, i_h, offs_d, H, D), q_i * dq_i,
+                             mask=mask_id)
                 dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
-                tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                tl.store(_gla_at(dq_ptr, bos, rows_i, i_h, offs_d, H, D),
                          dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _gla_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
-    exact_path_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
+    dfinal_state_ptr, dinitial_state_ptr, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
     STATE_ONLY: tl.constexpr,
 ):
@@ -794,17 +991,11 @@ def _gla_bwd_dkv_kernel(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -817,10 +1008,11 @@ def _gla_bwd_dkv_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the segment scan
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the scan
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         start = (num_chunks - 1 - i) * BLOCK_T
@@ -828,105 +1020,75 @@ def _gla_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        q = _gla_q_map(x_q, mask_td)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                      mask=mask_td, other=0.0).to(tl.float32)
-        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        x_q, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
+        b, b_last = _gla_chunk_log_decay(
+            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
         decay_total += b_last
         if not STATE_ONLY:
             if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-                x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-                k = _gla_k_map(x_k, mask_td)
-                v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-                q_from_start = (q * tl.exp(b)).to(split_dtype)
-                from_start = tl.exp(-b)
-                k_to_start = (k * from_start).to(split_dtype)
-                anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
-                scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
-                scores_t = tl.where(anticausal, scores_t, 0.0)
-                dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                dscores_t = tl.where(anticausal, dscores_t, 0.0)
-                # Later chunks see these keys and values through the state, decayed from
-                # each row to the chunk end: exp(b_last - b) = exp(-b) exp(b_last), the
-                # second factor taken into dL/dS (dstate_end) rather than a tile of exps.
-                dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
-                dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
-                dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
-                dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * scale
-                dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
-                dk *= from_start
+                x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+                v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te,
+                            other=0.0)
+                dk, dv = _gla_fast_chunk_dkv(
+                    q, k, v, do, dstate, b, b_last, offs_t, scale, split_dtype, dot_dtype,
+                    PRECISION)
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                    tl.store(db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk, mask=mask_td)
+                    tl.store(_gla_at(db_ptr, bos, rows, i_h, offs_d, H, D), k * dk,
+                             mask=mask_td)
                 dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
-                tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                tl.store(_gla_at(dk_ptr, bos, rows, i_h, offs_d, H, D),
                          dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
-                tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                tl.store(_gla_at(dv_ptr, bos, rows, i_h, offs_e, H, E),
                          dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
             else:  # the exact path
                 for j in tl.static_range(BLOCK_T // SUB):
-                    rows_i = start + j * SUB + offs_sub
-                    mask_i = rows_i < seq_len
-                    mask_id = mask_i[:, None] & mask_d[None, :]
-                    b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_kj = tl.load(k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                                   mask=mask_id, other=0.0).to(tl.float32)
-                    k_j = _gla_k_map(x_kj, mask_id)
-                    v_j = tl.load(v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                    rows_j, mask_j, mask_jd, _, b_j = _gla_sub_block(
+                        decay_ptr, b, bos, start, j, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                        i_hk, HKV, D, SUB)
+                    x_kj, k_j = _gla_chunk_keys(k_ptr, bos, rows_j, i_hk, offs_d, mask_jd, HKV, D)
+                    mask_je = mask_j[:, None] & mask_e[None, :]
+                    v_j = tl.load(_gla_at(v_ptr, bos, rows_j, i_hk, offs_e, HKV, E), mask=mask_je,
+                                  other=0.0)
                     dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
                     dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
-                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
-                        b_end = tl.sum(tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0)
-                        q_after = q * tl.exp(tl.where(offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf")))
-                        k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                        scores_after = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)), input_precision=PRECISION)
-                        dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
-                        dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                        dk_j += tl.dot(dscores_after.to(dot_dtype), q_after.to(dot_dtype), input_precision=PRECISION) * tl.exp(b_end[None, :] - b_i)
-                    for t in range(0, SUB):  # the sub-block itself, one query row at a time
-                        row_t = start + j * SUB + t
-                        mask_q = mask_d[None, :] & (offs_d[None, :] * 0 + row_t < seq_len)
-                        x_qt = tl.load(q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q, other=0.0)
-                        q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
-                        do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                       mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_t < seq_len), other=0.0).to(tl.float32)
-                        b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf")))
-                        dv_j += tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)[:, None] * do_t
-                        dk_j += tl.where(offs_sub[:, None] <= t, tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts, 0.0)
+                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at sub-block j's last row
+                        dk_after, dv_after = _gla_exact_dkv_after(
+                            q, do, k_j, v_j, b, b_j, offs_t, (j + 1) * SUB, dot_dtype, PRECISION)
+                        dv_j += dv_after
+                        dk_j += dk_after
+                    dk_j, dv_j = _gla_exact_dkv_within(
+                        dk_j, dv_j, k_j, v_j, b_j, q_ptr, do_ptr, bos, start + j * SUB, seq_len,
+                        i_h, offs_sub, offs_d, mask_d, offs_e, mask_e, H, D, E, SUB)
                     # Later chunks see these keys and values through the state.
-                    to_end_j = tl.exp(b_last[None, :] - b_i)
-                    dk_j = dk_j * scale + tl.dot(v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION) * to_end_j
-                    dv_j = dv_j * scale + tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
+                    to_end_j = tl.exp(b_last[None, :] - b_j)
+                    dstate_dot = dstate.to(dot_dtype)
+                    dk_via_state = tl.dot(v_j, tl.trans(dstate_dot), input_precision=PRECISION)
+                    dk_j = dk_j * scale + dk_via_state * to_end_j
+                    k_to_end = (k_j * to_end_j).to(dot_dtype)
+                    dv_via_state = tl.dot(k_to_end, dstate_dot, input_precision=PRECISION)
+                    dv_j = dv_j * scale + dv_via_state
                     if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                        tl.store(db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], k_j * dk_j, mask=mask_id)
-                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
-                    tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
-                    tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_e[None, :])
-        # dL/dS at the end of the previous chunk.
-        q_from_start = (q * tl.exp(b)).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+                        tl.store(_gla_at(db_ptr, bos, rows_j, i_h, offs_d, H, D), k_j * dk_j,
+                                 mask=mask_jd)
+                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_jd)
+                    tl.store(_gla_at(dk_ptr, bos, rows_j, i_h, offs_d, H, D),
+                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_jd)
+                    tl.store(_gla_at(dv_ptr, bos, rows_j, i_h, offs_e, H, E),
+                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_je)
+        dstate = _gla_carry_dstate(dstate, q, do, b, b_last, scale, dot_dtype, PRECISION)
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
     if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
-        tl.store(decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0))
+        total_at = (i_n * H + i_h) * D + offs_d
+        tl.store(decay_total_ptr + total_at, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
 def _gla_decay_grad_kernel(
     db_q_ptr, db_k_ptr, x_ptr, dx_ptr, final_term_ptr, cu_seqlens,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_FINAL_TERM: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_FINAL_TERM: tl.constexpr,
 ):
     """dL/dg_t = sum over u >= t of db_u, db = q ⊙ dq - k ⊙ dk summed over the query heads
     that share this key/value head (+ the final state's share), then through the gate
@@ -942,7 +1104,8 @@ def _gla_decay_grad_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_FINAL_TERM:
         for j in tl.static_range(GROUP):
-            acc += tl.load(final_term_ptr + (i_n * H + i_hk * GROUP + j) * D + offs_d, mask=mask_d, other=0.0)
+            at = (i_n * H + i_hk * GROUP + j) * D + offs_d
+            acc += tl.load(final_term_ptr + at, mask=mask_d, other=0.0)
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         rows = (num_chunks - 1 - i) * BLOCK_T + offs_t
@@ -952,7 +1115,8 @@ def _gla_decay_grad_kernel(
         db = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(GROUP):
             offs_head = ((bos + rows[:, None]) * H + i_hk * GROUP + j) * D + offs_d[None, :]
-            db += tl.load(db_q_ptr + offs_head, mask=mask, other=0.0) - tl.load(db_k_ptr + offs_head, mask=mask, other=0.0)
+            db_q = tl.load(db_q_ptr + offs_head, mask=mask, other=0.0)
+            db += db_q - tl.load(db_k_ptr + offs_head, mask=mask, other=0.0)
         dg = tl.cumsum(db, axis=0, reverse=True) + acc[None, :]
         acc += tl.sum(db, axis=0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -963,7 +1127,9 @@ def _gla_decay_grad_kernel(
 
 
 @triton.jit
-def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gla_decay_extent_kernel(
+    x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
     """Set *exact_path_ptr to 1 if the log decay of some window of CHUNK tokens moves a key
     channel by more than 40 either way (or is NaN).
 
@@ -973,8 +1139,8 @@ def _gla_decay_extent_kernel(x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexp
     rows = tl.program_id(0) * CHUNK + tl.arange(0, 2 * CHUNK)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(mask, _gla_log_decay(x), 0.0)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0)
+    g = tl.where(mask, _gla_log_decay(x.to(tl.float32)), 0.0)
     falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
     rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
     widest = tl.max(tl.maximum(falls, rises), axis=0)
@@ -1034,16 +1200,18 @@ def _gla_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    q = _gla_q_map(x_q, mask_d)
-    k = _gla_k_map(x_k, mask_d)
-    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    q = _gla_q_map(x_q.to(tl.float32), mask_d)
+    k = _gla_k_map(x_k.to(tl.float32), mask_d)
+    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0)
+    v = v.to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
-    x_g = tl.load(decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0).to(tl.float32)
-    state *= tl.exp(_gla_log_decay(x_g))
+    x_g = tl.load(decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D,
+                  other=0.0)
+    state *= tl.exp(_gla_log_decay(x_g.to(tl.float32)))
     state += tl.trans(k) * v
     o = tl.sum(tl.trans(q) * state, axis=0) * scale
     tl.store(o_ptr + (i_b * H + i_h) * E + offs_e, o.to(o_ptr.dtype.element_ty), mask=mask_e)
@@ -1171,14 +1339,20 @@ def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segm
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
-        nonfinite_ptr=None, exact_path_ptr=None, cu_seqlens=segment_cu, scale=1.0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
+        decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
+        nonfinite_ptr=None,
+        exact_path_ptr=None,
+        cu_seqlens=segment_cu, scale=1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-        local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
+        local_ptr=local,
+        decay_total_ptr=decay_total,
+        carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
@@ -1218,8 +1392,11 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_seqs, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,        exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+        decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+        dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=None,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_gla_launch_args(q, k, v, config, _block(E), backward=True),
     )
@@ -1231,8 +1408,12 @@ def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, n
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _gla_fwd_again_kernel); the others return at once."""
     _launch(_gla_fwd_again_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
-        nonfinite_ptr=nonfinite, exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay,
+        initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite,
+        exact_path_ptr=None,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, **launch,
     )
 
@@ -1246,8 +1427,12 @@ def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segmen
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
-        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,        exact_path_ptr=exact_path, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay, decay_total_ptr=None,
+        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
+        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
+        exact_path_ptr=exact_path,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
         STORE_SEGMENT_STATES=entering is not None, **launch,
     )
@@ -1328,25 +1513,37 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,            exact_path_ptr=None, cu_seqlens=seq_cu, scale=scale,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+            decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+            dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            exact_path_ptr=None,
+            cu_seqlens=seq_cu, scale=scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
+            local_ptr=dlocal,
+            decay_total_ptr=decay_total,
+            carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
     _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,        initial_state_ptr=seq_init, exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
+        decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init,
+        exact_path_ptr=exact_path,
+        cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,        exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
+        decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
+        dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=exact_path,
+        cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )

@@ -431,9 +431,136 @@ def _lightning_log_decay(x):
 
 
 @triton.jit
+def _lightning_program(cu_seqlens, H: tl.constexpr, HKV: tl.constexpr):
+    """This program's value block i_e, sequence i_n, query head i_h and the key/value head
+    i_hk serving it, the sequence's first token bos and its length (the grid is value
+    blocks x sequences * heads)."""
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return i_e, i_n, i_h, i_h // (H // HKV), bos, seq_len
+
+
+@triton.jit
+def _lightning_at(ptr, bos, rows, head, cols, HEADS: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to the [rows, cols] tile of one head of a [tokens, HEADS, WIDTH] array."""
+    return ptr + ((bos + rows[:, None]) * HEADS + head) * WIDTH + cols[None, :]
+
+
+@triton.jit
+def _lightning_chunk_queries(
+    q_ptr, bos, rows, i_h, offs_d, mask_td, H: tl.constexpr, D: tl.constexpr,
+):
+    """The raw queries of some rows (fp32) and their features φq, zero outside mask_td."""
+    x_q = tl.load(_lightning_at(q_ptr, bos, rows, i_h, offs_d, H, D), mask=mask_td, other=0.0)
+    x_q = x_q.to(tl.float32)
+    return x_q, _lightning_q_map(x_q, mask_td)
+
+
+@triton.jit
+def _lightning_chunk_keys(
+    k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
+):
+    """The raw keys of some rows (fp32) and their features φk, zero outside mask_td."""
+    x_k = tl.load(_lightning_at(k_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
+    x_k = x_k.to(tl.float32)
+    return x_k, _lightning_k_map(x_k, mask_td)
+
+
+@triton.jit
+def _lightning_pair_decays(b, mask, TRANSPOSED: tl.constexpr):
+    """exp(b_t - b_s) for the pairs under mask (query row t, key column s; TRANSPOSED: key
+    row s, query column t), 0 elsewhere: masked before the exp, which never sees the
+    positive exponents of the pairs the mask drops."""
+    if TRANSPOSED:
+        return tl.exp(tl.where(mask, b[None, :] - b[:, None], float("-inf")))
+    else:
+        return tl.exp(tl.where(mask, b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _lightning_carry_state(
+    state, k, v, b, b_last, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state carried to the end of the chunk: S exp(b_last) + (φk ⊙ exp(b_last - b))ᵀ v."""
+    k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
+    decayed = state * tl.exp(b_last)
+    return decayed + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_carry_dstate(
+    dstate, q, do, b, b_last, scale, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dS at the start of the chunk (the end of the previous one), from dL/dS at its end."""
+    q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
+    decayed = dstate * tl.exp(b_last)
+    return decayed + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_chunk_output(
+    q, k, v, state, b, pair, causal, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The chunk's outputs before the scale: what the state carried in from earlier chunks
+    contributes, (φq ⊙ exp(b)) S, plus the masked decayed quadratic attention within the chunk."""
+    q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
+    o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+    scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
+    # where, not a product with the mask's zeros: q·k of pairs the mask drops may overflow.
+    scores = tl.where(causal, scores * pair, 0.0)
+    return o + tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_chunk_dq(
+    do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+):
+    """d(loss)/d(φq) of the chunk: through the pairs within it (without the pair (t, t) when
+    DROP_DIAGONAL) and through the state carried in."""
+    dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dscores = tl.where(causal, dscores * pair, 0.0)
+    if DROP_DIAGONAL:
+        dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
+    dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
+    dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+    dq += dq_from_start * tl.exp(b[:, None])
+    return dq * scale
+
+
+@triton.jit
+def _lightning_chunk_dkv(
+    q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+):
+    """d(loss)/d(φk) and d(loss)/dv of the chunk (key rows s, query columns t >= s): through
+    the pairs within it (the pair (t, t) apart in dk when DROP_DIAGONAL) and through the
+    state, which carries its keys and values to later chunks (dstate: dL/dS at its end)."""
+    scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
+    dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    scores_t = tl.where(anticausal, scores_t * pair, 0.0)
+    dscores_t = tl.where(anticausal, dscores_t * pair, 0.0)
+    if DROP_DIAGONAL:
+        dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
+    dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
+    dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
+    dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
+    to_end = tl.exp(b_last - b[:, None])
+    k_to_end = (k * to_end).to(dot_dtype)
+    dv_via_state = tl.dot(k_to_end, dstate.to(dot_dtype), input_precision=PRECISION)
+    dk = dk * scale + dk_via_state * to_end
+    return dk, dv * scale + dv_via_state
+
+
+@triton.jit
 def _lightning_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr,
+    final_state_ptr, segment_states_ptr, segment_starts, segment_len, nonfinite_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
@@ -448,13 +575,7 @@ def _lightning_fwd_kernel(
     that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
     nonfinite_ptr, a program whose state came out NaN or inf (see
     _lightning_fwd_again_kernel)."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -464,9 +585,10 @@ def _lightning_fwd_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -475,44 +597,36 @@ def _lightning_fwd_kernel(
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state, mask=state_mask)
+                segment_offs = (at * D + offs_d[:, None]) * E + offs_e[None, :]
+                tl.store(segment_states_ptr + segment_offs, state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
+        b = tl.where(mask_t, b_full, b_last)
         if STORE_OUTPUT:
-            # What the state carried in from earlier chunks contributes.
-            q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-            o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-            # Within the chunk: masked (decayed) quadratic attention.
-            scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
-            # where, not a product with the mask's zeros: q·k of pairs the mask drops may overflow.
-            scores = tl.where(causal, scores * pair_decay, 0.0)
-            o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-            tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+            o = _lightning_chunk_output(q, k, v, state, b, pair, causal, dot_dtype, PRECISION)
+            tl.store(_lightning_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, tl.where(_all_finite(state), 0, 1))
+        nonfinite = tl.where(_all_finite(state), 0, 1)
+        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, nonfinite)
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
 
 @triton.jit
 def _lightning_fwd_again_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
@@ -525,13 +639,7 @@ def _lightning_fwd_again_kernel(
     The others, all of them unless some input is NaN or inf, return at once."""
     if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
         return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -541,9 +649,10 @@ def _lightning_fwd_again_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -552,41 +661,32 @@ def _lightning_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
-        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-        o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-        scores = tl.dot(q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION)
-        scores = tl.where(causal, scores * pair_decay, 0.0)
-        o += tl.dot(scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION)
+        b = tl.where(mask_t, b_full, b_last)
+        # NaN and inf entries zeroed in the products over pairs, their rows marked afterwards.
+        k_finite = _finite_or_zero(k)
+        v_finite = _finite_or_zero(v).to(dot_dtype)
+        o = _lightning_chunk_output(
+            q, k_finite, v_finite, state, b, pair, causal, dot_dtype, PRECISION)
         o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
-        tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+        tl.store(_lightning_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                  (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _lightning_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -596,9 +696,10 @@ def _lightning_bwd_dq_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf")))  # the same in every chunk
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -607,22 +708,14 @@ def _lightning_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
-        dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dscores = tl.where(causal, dscores * pair_decay, 0.0)
-        if STORE_DB:  # the diagonal apart (see below)
-            dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
-        dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
-        dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
-        dq += dq_from_start * tl.exp(b[:, None])
-        dq *= scale
+        b = tl.where(mask_t, b_full, b_last)
+        dq = _lightning_chunk_dq(
+            do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype, PRECISION, STORE_DB)
         if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
             # Without the pair (t, t): it adds scale (q_t·k_t)(do_t·v_t) to q ⊙ dq and to k ⊙ dk
             # alike, which cancel in the decay gradient only up to rounding, and for fast
@@ -630,17 +723,15 @@ def _lightning_bwd_dq_kernel(
             tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(q * dq, axis=1), mask=mask_t)
             dq += scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)[:, None] * k
         dx_q = _lightning_q_map_backward(x_q, q, dq, mask_td)
-        tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+        tl.store(_lightning_at(dq_ptr, bos, rows, i_h, offs_d, H, D),
                  dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _lightning_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr, dfinal_state_ptr, dinitial_state_ptr,
-    cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
+    dfinal_state_ptr, dinitial_state_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
@@ -651,13 +742,7 @@ def _lightning_bwd_dkv_kernel(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -667,9 +752,10 @@ def _lightning_bwd_dkv_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(tl.float32)  # in-chunk cumulative log decay, any full chunk
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
-    pair_decay = tl.exp(tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf")))  # the same in every chunk
+    pair = _lightning_pair_decays(b_full, anticausal, True)
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -681,42 +767,27 @@ def _lightning_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te, other=0.0)
-        do = tl.load(do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te, other=0.0)
+        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
+        b = tl.where(mask_t, b_full, b_last)
 
         if not STATE_ONLY:
-            scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
-            dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            decay_t = pair_decay
-            scores_t = tl.where(anticausal, scores_t * decay_t, 0.0)
-            dscores_t = tl.where(anticausal, dscores_t * decay_t, 0.0)
-            if STORE_DB:  # the diagonal apart, as in the dq kernel
-                dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
-            dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
-            dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
-            # Later chunks see this chunk's keys and values through the state.
-            dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
-            to_end = tl.exp(b_last - b[:, None])
-            dv_via_state = tl.dot((k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION)
-            dk = dk * scale + dk_via_state * to_end
-            dv = dv * scale + dv_via_state
-        # dL/dS at the end of the previous chunk.
-        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last) + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+            dk, dv = _lightning_chunk_dkv(
+                q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype,
+                PRECISION, STORE_DB)
+        dstate = _lightning_carry_dstate(dstate, q, do, b, b_last, scale, dot_dtype, PRECISION)
         if not STATE_ONLY:
             if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                 tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(k * dk, axis=1), mask=mask_t)
-                dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q  # the pair (t, t)
+                # The pair (t, t), left out of the decay gradient as in the dq kernel.
+                dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q
             dx_k = _lightning_k_map_backward(x_k, k, dk, mask_td)
-            tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+            tl.store(_lightning_at(dk_ptr, bos, rows, i_h, offs_d, H, D),
                      dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+            tl.store(_lightning_at(dv_ptr, bos, rows, i_h, offs_e, H, E),
                      dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
@@ -776,11 +847,12 @@ def _lightning_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(tl.float32)
-    q = _lightning_q_map(x_q, mask_d)
-    k = _lightning_k_map(x_k, mask_d)
-    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    q = _lightning_q_map(x_q.to(tl.float32), mask_d)
+    k = _lightning_k_map(x_k.to(tl.float32), mask_d)
+    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0)
+    v = v.to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -910,14 +982,19 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
-        nonfinite_ptr=None, cu_seqlens=segment_cu, scale=1.0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
+        decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
+        nonfinite_ptr=None,
+        cu_seqlens=segment_cu, scale=1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
         **_lightning_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-        local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
+        local_ptr=local,
+        decay_total_ptr=decay_total,
+        carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
@@ -936,8 +1013,10 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_seqs, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+        decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+        dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_lightning_launch_args(q, k, v, config, _block(E), backward=True),
     )
@@ -949,8 +1028,11 @@ def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_st
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _lightning_fwd_again_kernel); the others return at once."""
     _launch(_lightning_fwd_again_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
-        nonfinite_ptr=nonfinite, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay,
+        initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, **launch,
     )
 
@@ -964,8 +1046,11 @@ def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, 
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _launch(_lightning_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
-        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay, decay_total_ptr=None,
+        initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
+        segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
         STORE_SEGMENT_STATES=entering is not None, **launch,
     )
@@ -1045,25 +1130,34 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
         _launch(_lightning_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay, db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal, cu_seqlens=seq_cu, scale=scale,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+            decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+            dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            cu_seqlens=seq_cu, scale=scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
+            local_ptr=dlocal,
+            decay_total_ptr=decay_total,
+            carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
         )
     grid = (1, num_segments * H)
     _launch(_lightning_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,        initial_state_ptr=seq_init, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
+        decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init,
+        cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
     )
     _launch(_lightning_bwd_dkv_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
+        decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
+        dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
