@@ -53,9 +53,14 @@ LAUNCH_KEYS: dict[str, tuple] = {
     "chunk": _power_of_two(16, 256),
     "bwd_chunk": _power_of_two(16, 256),
     "block_e": _power_of_two(16, 256),
+    # 16-wide value blocks in the delta rule's sweeps hit an illegal memory access on an H200
+    # (Triton 3.6; the interpreter computes them right): refused until that is understood.
+    "sweep_block_e": _power_of_two(32, 256),
     "num_warps": _power_of_two(1, 32),
+    "sweep_num_warps": _power_of_two(1, 32),
     "bwd_num_warps": _power_of_two(1, 32),
     "num_stages": _between(1, 8),
+    "sweep_num_stages": _between(1, 8),
     "bwd_num_stages": _between(1, 8),
     "segment": _SEGMENT,  # tokens per segment; None: chosen at call time
     "bwd_segment": _SEGMENT,
@@ -63,7 +68,8 @@ LAUNCH_KEYS: dict[str, tuple] = {
 BOOLEAN_KEYS = ("narrow_block_e",)
 # A delta-rule block (`update = delta`, templates/delta/launch.py.j2) launches with these alone:
 # its backward reuses the forward's chunk, and it has no narrow blocks or sequence segments.
-DELTA_LAUNCH_KEYS = ("chunk", "block_e", "num_warps", "bwd_num_warps", "num_stages", "bwd_num_stages")
+DELTA_LAUNCH_KEYS = ("chunk", "block_e", "sweep_block_e", "num_warps", "num_stages", "sweep_num_warps",
+                     "sweep_num_stages", "bwd_num_warps", "bwd_num_stages")
 NULLABLE_KEYS = ("segment", "bwd_segment")
 MAX_HEAD_DIM = 256
 
@@ -219,15 +225,21 @@ def _compile(source: str, filename: str, header_name: str, tuned_configs: dict |
 
 
 def _check_delta_configs(specs, configs: dict, filename: str) -> None:
-    """A delta-rule block's tuned config holds only DELTA_LAUNCH_KEYS: another key (e.g. a
-    segment from an additive block's tuning) would be stored in the module and ignored."""
+    """Each block's tuned config holds only the launch parameters its family has: a delta-rule
+    block only DELTA_LAUNCH_KEYS, an additive block none of the delta-only keys (sweep_*).
+    Another key (e.g. a segment from an additive block's tuning) would be stored in the
+    module and ignored."""
     delta = {spec.name for spec in specs.specs if spec.update is UpdateRule.DELTA}
+    delta_only = sorted(set(DELTA_LAUNCH_KEYS) - {"chunk", "block_e", "num_warps", "num_stages", "bwd_num_warps",
+                                                   "bwd_num_stages"})
     for (name, D, E), config in configs.items():
-        foreign = sorted(set(config) - set(DELTA_LAUNCH_KEYS)) if name in delta else []
+        is_delta = name in delta
+        foreign = sorted(set(config) - set(DELTA_LAUNCH_KEYS)) if is_delta else sorted(set(config) & set(delta_only))
         if foreign:
+            family = "a delta-rule block (update = delta launches with " + ", ".join(DELTA_LAUNCH_KEYS) + ")"
             raise AttnccError(Diagnostic(
                 f"tuned config for `{name}` (D = {D}, E = {E}) of {filename}: `{foreign[0]}` is no launch "
-                f"parameter of a delta-rule block (update = delta launches with {', '.join(DELTA_LAUNCH_KEYS)})",
+                f"parameter of {family if is_delta else 'an additive block (it has no sequential sweeps)'}",
                 hint="run `attncc tune` again, or delete the tuned-configs file to use the defaults",
             ))
 

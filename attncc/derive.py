@@ -67,8 +67,16 @@ LAUNCH_DEFAULTS = {
 # The delta rule's kernels (any decay): 8 warps, since its chunk kernels hold several
 # [chunk, D] fp32 tiles and the [chunk, chunk] UT transform (ptxas reports for sm_90a:
 # 4 warps spill); one pipeline stage. Not tuned on a GPU yet.
-DELTA_LAUNCH_DEFAULTS = LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=False, num_warps=8,
-                                       bwd_num_warps=8, num_stages=1, bwd_num_stages=1)
+# The delta rule's chunk-parallel forward kernels (UT transform, outputs) ran faster on 4 warps
+# than on 8 at (2, 4096, 16, 128) bf16 on an H200 (0.37 vs 0.46 ms and 0.30 vs 0.35 ms), its
+# sweeps and backward kernels slower (templates/delta/launch.py.j2 keeps 8 for the sweeps);
+# per channel, with more live per-channel factors, the 4-warp case was not measured: 8.
+DELTA_LAUNCH_DEFAULTS = {
+    decay: LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=False,
+                          num_warps=8 if decay is Decay.PER_CHANNEL else 4, bwd_num_warps=8, num_stages=1,
+                          bwd_num_stages=1)
+    for decay in Decay
+}
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         grad, used_grad = ex.to_triton(ex.derivative(spec.beta))
         helpers |= used | used_grad
         beta = GatePlan(body, grad, ex.to_torch(spec.beta), ex.to_text(spec.beta))
-    defaults = DELTA_LAUNCH_DEFAULTS if spec.update is UpdateRule.DELTA else LAUNCH_DEFAULTS[spec.decay]
+    defaults = (DELTA_LAUNCH_DEFAULTS if spec.update is UpdateRule.DELTA else LAUNCH_DEFAULTS)[spec.decay]
     return KernelPlan(
         name=spec.name,
         update=spec.update,

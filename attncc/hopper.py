@@ -91,16 +91,18 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
 
 
 def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
-    """(label, kernel, constexprs) for the delta rule's three forward kernels, its two
-    backward kernels and its decoding step."""
+    """(label, kernel, constexprs) for the delta rule's three forward kernels, its three
+    backward kernels and its decoding step (the two sweeps at their narrower value block)."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "CHUNK": config["chunk"], "BLOCK_D": module._block(D),
               "BLOCK_E": min(module._block(E), config["block_e"]), "PER_CHANNEL": plan.per_channel,
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    sweep = dict(common, BLOCK_E=min(module._block(E), config["sweep_block_e"]))
     kernels = [
         ("fwd wy", "wy_kernel", common),
-        ("fwd state sweep", "state_kernel", dict(common, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
+        ("fwd state sweep", "state_kernel", dict(sweep, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
         ("fwd output", "output_kernel", dict(common, STORE_SCORES=True)),
-        ("bwd state sweep", "bwd_state_kernel", dict(common, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True)),
+        ("bwd local", "bwd_local_kernel", common),
+        ("bwd state sweep", "bwd_state_kernel", dict(sweep, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True)),
         ("bwd chunks", "bwd_chunk_kernel", dict(common, STORE_DDECAY=plan.has_decay)),
         ("step", "step_kernel", {key: common[key] for key in ("H", "HKV", "D", "E", "BLOCK_D", "BLOCK_E")}),
     ]

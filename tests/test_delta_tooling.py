@@ -229,7 +229,8 @@ def test_tune_sweeps_only_the_delta_config_keys(monkeypatch):
                                                "narrow_block_e": [True], "segment": [256], "num_warps": [4]})
     results = tune.sweep(module, spec, (1, 16, 2, 8), torch.float32, device="cpu")
     defaults = module._tn_config(8, 8)
-    assert set(defaults) == {"chunk", "block_e", "num_warps", "bwd_num_warps", "num_stages", "bwd_num_stages"}
+    assert set(defaults) == {"chunk", "block_e", "sweep_block_e", "num_warps", "num_stages", "sweep_num_warps",
+                             "sweep_num_stages", "bwd_num_warps", "bwd_num_stages"}
     assert seen and all(set(config) == set(defaults) for config in seen)
     assert all(config["chunk"] == 16 for config in seen)  # fixed by the spec
     ms, best = results[0]
@@ -360,7 +361,8 @@ def test_tuned_configs_of_a_delta_block_take_only_its_launch_keys(tmp_path):
     config = {"chunk": 32, "block_e": 32, "num_warps": 4, "bwd_num_warps": 4, "num_stages": 2, "bwd_num_stages": 1}
     tuned.write_text(json.dumps([{"name": "dk", "D": 16, "E": 16, "config": config}]))
     module = bench.import_source(compile_file(spec), "delta_tooling_dk")
-    assert module._dk_config(16, 16) == config
+    loaded = module._dk_config(16, 16)
+    assert {key: loaded[key] for key in config} == config and loaded["sweep_block_e"] == 32  # the rest: defaults
     assert set(DELTA_LAUNCH_KEYS) == set(module._dk_config(8, 8))  # the compiler knows the template's keys
     # A key only additive blocks launch with would be stored and silently ignored: refused.
     tuned.write_text(json.dumps([{"name": "dk", "D": 16, "E": 16, "config": {"chunk": 32, "segment": 512}}]))
@@ -368,3 +370,32 @@ def test_tuned_configs_of_a_delta_block_take_only_its_launch_keys(tmp_path):
         compile_file(spec)
     message = info.value.diagnostics[0].message
     assert "`segment`" in message and "delta" in message and "dk" in message
+
+
+def test_tuned_configs_of_an_additive_block_refuse_the_delta_only_keys(tmp_path):
+    # sweep_* exist only in a delta-rule module: an additive block would store and ignore them.
+    from attncc.compiler import compile_file
+
+    spec = tmp_path / "ad.attn"
+    spec.write_text("attention ad {\n    decay = per_head\n}\n")
+    tuned = tmp_path / "ad.attn.tuned.json"
+    tuned.write_text(json.dumps([{"name": "ad", "D": 16, "E": 16, "config": {"chunk": 32, "sweep_block_e": 64}}]))
+    with pytest.raises(AttnccError) as info:
+        compile_file(spec)
+    message = info.value.diagnostics[0].message
+    assert "`sweep_block_e`" in message and "additive" in message and "ad" in message
+
+
+def test_tuned_sweep_blocks_narrower_than_32_are_refused(tmp_path):
+    # sweep_block_e = 16 crashed the GPU (illegal memory access, H200, Triton 3.6): a tuned
+    # file asking for it is an error, not a crash at the first call.
+    from attncc.compiler import compile_file
+
+    spec = tmp_path / "sw.attn"
+    spec.write_text(_source("    decay = none", "sw"))
+    tuned = tmp_path / "sw.attn.tuned.json"
+    tuned.write_text(json.dumps([{"name": "sw", "D": 16, "E": 16, "config": {"sweep_block_e": 16}}]))
+    with pytest.raises(AttnccError, match="sweep_block_e"):
+        compile_file(spec)
+    tuned.write_text(json.dumps([{"name": "sw", "D": 16, "E": 16, "config": {"sweep_block_e": 32}}]))
+    assert "sweep_block_e" in compile_file(spec)
