@@ -83,7 +83,8 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}")
+        expected = ", ".join(map(str, dtypes))
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {expected}")
 
 
 def _check_shape(name, x, expected, layout):
@@ -96,15 +97,18 @@ def _check_shape(name, x, expected, layout):
 def _check_device(device, **tensors):
     if device.type == "cpu" and not _INTERPRETED:
         raise ValueError(
-            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled for "
-            "CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's interpreter "
-            "only where no GPU is present, or with TRITON_INTERPRET=1 set before the module is imported)"
+            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled "
+            "for CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's "
+            "interpreter only where no GPU is present, or with TRITON_INTERPRET=1 set before the "
+            "module is imported)"
         )
     for name, x in tensors.items():
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
+            raise ValueError(
+                f"{name} is on {x.device} but q is on {device}; move all inputs to one device"
+            )
 
 
 def _equal_sequence_starts(batch, length, device):
@@ -141,14 +145,19 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+    int_dtypes = (torch.int32, torch.int64)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in int_dtypes:
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
-        raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}")
+        raise ValueError(
+            f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}"
+        )
     num_seqs = cu_seqlens.shape[0] - 1
     # The kernels read it as a dense int32 array, whatever view the caller passed.
     dense = cu_seqlens.to(torch.int32).contiguous()
@@ -158,7 +167,10 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
         return torch.cat([ends[:1], bounds[1:-1], ends[1:]]), num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {length}, "
+            f"got {bounds[0]} ... {bounds[-1]}"
+        )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
             "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
@@ -190,7 +202,8 @@ def _segment_length(requested, longest, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+# (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+_WHAT_FITS = {}
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -228,7 +241,8 @@ def _launch_key(kernel, args, meta):
     dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
     settings = tuple(sorted(
         (k, x) for k, x in meta.items()
-        if (k.isupper() or k in ("num_warps", "num_stages")) and isinstance(x, (bool, int, float, str))
+        if (k.isupper() or k in ("num_warps", "num_stages"))
+        and isinstance(x, (bool, int, float, str))
     ))
     return (kernel, dtype, settings)
 
@@ -240,7 +254,8 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}")
+        dtypes = ", ".join(str(x.dtype) for x in tensors)
+        raise ValueError(f"{names} must share one dtype, got {dtypes}")
 
 
 def _forward_block_e(config, rows, E, device):
@@ -264,18 +279,21 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device)
-    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    device = cu_seqlens.device
+    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=device)
+    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
-        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts, num_seqs=num_seqs,
-        per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
+        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
+        num_seqs=num_seqs, per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
 
 @triton.jit
-def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-                           BLOCK: tl.constexpr):
+def _segment_bounds_kernel(
+    cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
+    BLOCK: tl.constexpr,
+):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -306,7 +324,8 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(_kernel_dtype(x.dtype, x.device)).contiguous()
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat.to(_kernel_dtype(x.dtype, x.device)).contiguous()
 
 
 def _allgather(tensor, group):
@@ -493,18 +512,6 @@ def _gla_chunk_keys(
 
 
 @triton.jit
-def _gla_chunk_log_decay(
-    decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
-):
-    """The chunk's in-chunk cumulative log decay b = cumsum(g) [BLOCK_T, BLOCK_D] and
-    its last row b_last, from the log decays g (one per key channel), 0 on the rows past the
-    sequence's end so that the sums stay flat there."""
-    x_g = tl.load(_gla_at(decay_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
-    g = tl.where(mask_td, _gla_log_decay(x_g.to(tl.float32)), 0.0)
-    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
-
-
-@triton.jit
 def _gla_carry_state(
     state, k, v, b, b_last, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -555,10 +562,12 @@ def _gla_sub_block(
     rows_i = start + i * SUB + offs_sub
     mask_i = rows_i < seq_len
     mask_id = mask_i[:, None] & mask_d[None, :]
-    b_before = _gla_row_of(b, offs_t, i * SUB - 1)
+    b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
     x_gi = tl.load(_gla_at(decay_ptr, bos, rows_i, i_hk, offs_d, HKV, D), mask=mask_id,
                    other=0.0)
     g_i = tl.where(mask_id, _gla_log_decay(x_gi.to(tl.float32)), 0.0)
+    # b_before made a row only now: earlier, the kernels spill more (ptxas, sm_90a).
+    b_before = b_before[None, :]
     return rows_i, mask_i, mask_id, b_before, b_before + tl.cumsum(g_i, axis=0)
 
 
@@ -575,19 +584,6 @@ def _gla_fast_chunk_output(
     scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
     scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
     return o + tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-
-
-@triton.jit
-def _gla_exact_output_before(
-    q_i, b_i, b_before, b, k, v, offs_t, first_row, dot_dtype: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Exact path: what the chunk's rows before a sub-block (those < first_row, its first)
-    contribute to its outputs, each pair's decay split at the row before the sub-block."""
-    k_before = k * tl.exp(tl.where(offs_t[:, None] < first_row, b_before - b, float("-inf")))
-    q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
-    scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-    return tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
 
 
 @triton.jit
@@ -767,22 +763,34 @@ def _gla_fwd_kernel(
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                segment_offs = (at * D + offs_d[:, None]) * E + offs_e[None, :]
-                tl.store(segment_states_ptr + segment_offs, state, mask=state_mask)
+                # The pointer's rows first, then its columns: one [D, E] tile of int64
+                # offsets would cost registers the chunk's work needs.
+                segment_rows = segment_states_ptr + (at * D + offs_d[:, None]) * E
+                tl.store(segment_rows + offs_e[None, :], state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
-        b, b_last = _gla_chunk_log_decay(
-            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _gla_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
+        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
         if FAST_PATH:
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
             if STORE_OUTPUT:
                 _, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
-                o = _gla_fast_chunk_output(
-                    q, k_to_start, v, state, b, offs_t, split_dtype, dot_dtype, PRECISION)
+                q_from_start = (q * tl.exp(b)).to(split_dtype)
+                # What the state carried in from earlier chunks contributes, then the chunk.
+                o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
+                scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
+                scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
+                o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
                 tl.store(_gla_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
             # Keys taken back to the chunk start, then the whole state to its end: the
@@ -805,9 +813,12 @@ def _gla_fwd_kernel(
                     q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
                     o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
                     if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                        o_i += _gla_exact_output_before(
-                            q_i, b_i, b_before, b, k_finite, v_finite, offs_t, i * SUB, dot_dtype,
-                            PRECISION)
+                        k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
+                                                              b_before - b, float("-inf")))
+                        q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
+                        scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)),
+                                        input_precision=PRECISION)
+                        o_i += tl.dot(scores.to(dot_dtype), v_finite, input_precision=PRECISION)
                     o_i = _gla_exact_output_within(
                         o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
                         offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
@@ -820,11 +831,11 @@ def _gla_fwd_kernel(
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        nonfinite = tl.where(_all_finite(state), 0, 1)
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, nonfinite)
+        nonfinite_at = nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e
+        tl.store(nonfinite_at, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        total_at = (i_n * H + i_h) * D + offs_d
-        tl.store(decay_total_ptr + total_at, decay_total, mask=mask_d & (i_e == 0))
+        total_at = decay_total_ptr + (i_n * H + i_h) * D
+        tl.store(total_at + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
@@ -867,10 +878,16 @@ def _gla_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
-        b, b_last = _gla_chunk_log_decay(
-            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _gla_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
+        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
         # NaN and inf entries zeroed in the products, their rows marked afterwards (see
         # _all_finite).
         first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
@@ -885,9 +902,12 @@ def _gla_fwd_again_kernel(
             q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
             o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
             if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                o_i += _gla_exact_output_before(
-                    q_i, b_i, b_before, b, k_finite, v_finite, offs_t, i * SUB, dot_dtype,
-                    PRECISION)
+                k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
+                                                      b_before - b, float("-inf")))
+                q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
+                scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)),
+                                input_precision=PRECISION)
+                o_i += tl.dot(scores.to(dot_dtype), v_finite, input_precision=PRECISION)
             o_i = _gla_exact_output_within(
                 o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
                 offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
@@ -934,10 +954,16 @@ def _gla_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
-        b, b_last = _gla_chunk_log_decay(
-            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _gla_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
+        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
         if FAST_PATH:  # the chunk as one block, decays split at the chunk start
             x_q, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
             do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
@@ -1020,10 +1046,15 @@ def _gla_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        q = _gla_q_map(x_q, mask_td)
         do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
-        b, b_last = _gla_chunk_log_decay(
-            decay_ptr, bos, rows, mask_t, i_hk, offs_d, mask_td, HKV, D)
+        x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(g, axis=0)
         decay_total += b_last
         if not STATE_ONLY:
             if FAST_PATH:  # the chunk as one block, decays split at the chunk start
@@ -1062,12 +1093,12 @@ def _gla_bwd_dkv_kernel(
                         i_h, offs_sub, offs_d, mask_d, offs_e, mask_e, H, D, E, SUB)
                     # Later chunks see these keys and values through the state.
                     to_end_j = tl.exp(b_last[None, :] - b_j)
-                    dstate_dot = dstate.to(dot_dtype)
-                    dk_via_state = tl.dot(v_j, tl.trans(dstate_dot), input_precision=PRECISION)
-                    dk_j = dk_j * scale + dk_via_state * to_end_j
-                    k_to_end = (k_j * to_end_j).to(dot_dtype)
-                    dv_via_state = tl.dot(k_to_end, dstate_dot, input_precision=PRECISION)
-                    dv_j = dv_j * scale + dv_via_state
+                    dk_j = dk_j * scale
+                    dk_j += tl.dot(v_j, tl.trans(dstate.to(dot_dtype)),
+                                   input_precision=PRECISION) * to_end_j
+                    dv_j = dv_j * scale
+                    dv_j += tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype),
+                                   input_precision=PRECISION)
                     if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                         tl.store(_gla_at(db_ptr, bos, rows_j, i_h, offs_d, H, D), k_j * dk_j,
                                  mask=mask_jd)
@@ -1080,8 +1111,8 @@ def _gla_bwd_dkv_kernel(
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
     if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
-        total_at = (i_n * H + i_h) * D + offs_d
-        tl.store(decay_total_ptr + total_at, decay_total, mask=mask_d & (i_e == 0))
+        total_at = decay_total_ptr + (i_n * H + i_h) * D
+        tl.store(total_at + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit

@@ -73,7 +73,8 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}")
+        expected = ", ".join(map(str, dtypes))
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {expected}")
 
 
 def _check_shape(name, x, expected, layout):
@@ -86,15 +87,18 @@ def _check_shape(name, x, expected, layout):
 def _check_device(device, **tensors):
     if device.type == "cpu" and not _INTERPRETED:
         raise ValueError(
-            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled for "
-            "CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's interpreter "
-            "only where no GPU is present, or with TRITON_INTERPRET=1 set before the module is imported)"
+            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled "
+            "for CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's "
+            "interpreter only where no GPU is present, or with TRITON_INTERPRET=1 set before the "
+            "module is imported)"
         )
     for name, x in tensors.items():
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but q is on {device}; move all inputs to one device")
+            raise ValueError(
+                f"{name} is on {x.device} but q is on {device}; move all inputs to one device"
+            )
 
 
 def _equal_sequence_starts(batch, length, device):
@@ -131,14 +135,19 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+    int_dtypes = (torch.int32, torch.int64)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in int_dtypes:
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must have shape [N + 1] with N >= 1, got {list(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
-        raise ValueError(f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}")
+        raise ValueError(
+            f"with cu_seqlens, q must be [1, total_tokens, H, D] (B = 1), got B = {batch}"
+        )
     num_seqs = cu_seqlens.shape[0] - 1
     # The kernels read it as a dense int32 array, whatever view the caller passed.
     dense = cu_seqlens.to(torch.int32).contiguous()
@@ -148,7 +157,10 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
         return torch.cat([ends[:1], bounds[1:-1], ends[1:]]), num_seqs, length
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {length}, "
+            f"got {bounds[0]} ... {bounds[-1]}"
+        )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
             "cu_seqlens must be non-decreasing (a repeated boundary is an empty sequence), got "
@@ -180,7 +192,8 @@ def _segment_length(requested, longest, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+# (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+_WHAT_FITS = {}
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -218,7 +231,8 @@ def _launch_key(kernel, args, meta):
     dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
     settings = tuple(sorted(
         (k, x) for k, x in meta.items()
-        if (k.isupper() or k in ("num_warps", "num_stages")) and isinstance(x, (bool, int, float, str))
+        if (k.isupper() or k in ("num_warps", "num_stages"))
+        and isinstance(x, (bool, int, float, str))
     ))
     return (kernel, dtype, settings)
 
@@ -230,7 +244,8 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}")
+        dtypes = ", ".join(str(x.dtype) for x in tensors)
+        raise ValueError(f"{names} must share one dtype, got {dtypes}")
 
 
 def _forward_block_e(config, rows, E, device):
@@ -254,18 +269,21 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device)
-    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    device = cu_seqlens.device
+    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=device)
+    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
-        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts, num_seqs=num_seqs,
-        per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
+        cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
+        num_seqs=num_seqs, per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
 
 @triton.jit
-def _segment_bounds_kernel(cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-                           BLOCK: tl.constexpr):
+def _segment_bounds_kernel(
+    cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
+    BLOCK: tl.constexpr,
+):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -296,7 +314,8 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(_kernel_dtype(x.dtype, x.device)).contiguous()
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat.to(_kernel_dtype(x.dtype, x.device)).contiguous()
 
 
 def _allgather(tensor, group):
@@ -451,26 +470,6 @@ def _lightning_at(ptr, bos, rows, head, cols, HEADS: tl.constexpr, WIDTH: tl.con
 
 
 @triton.jit
-def _lightning_chunk_queries(
-    q_ptr, bos, rows, i_h, offs_d, mask_td, H: tl.constexpr, D: tl.constexpr,
-):
-    """The raw queries of some rows (fp32) and their features φq, zero outside mask_td."""
-    x_q = tl.load(_lightning_at(q_ptr, bos, rows, i_h, offs_d, H, D), mask=mask_td, other=0.0)
-    x_q = x_q.to(tl.float32)
-    return x_q, _lightning_q_map(x_q, mask_td)
-
-
-@triton.jit
-def _lightning_chunk_keys(
-    k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
-):
-    """The raw keys of some rows (fp32) and their features φk, zero outside mask_td."""
-    x_k = tl.load(_lightning_at(k_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
-    x_k = x_k.to(tl.float32)
-    return x_k, _lightning_k_map(x_k, mask_td)
-
-
-@triton.jit
 def _lightning_pair_decays(b, mask, TRANSPOSED: tl.constexpr):
     """exp(b_t - b_s) for the pairs under mask (query row t, key column s; TRANSPOSED: key
     row s, query column t), 0 elsewhere: masked before the exp, which never sees the
@@ -597,15 +596,22 @@ def _lightning_fwd_kernel(
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                segment_offs = (at * D + offs_d[:, None]) * E + offs_e[None, :]
-                tl.store(segment_states_ptr + segment_offs, state, mask=state_mask)
+                # The pointer's rows first, then its columns: one [D, E] tile of int64
+                # offsets would cost registers the chunk's work needs.
+                segment_rows = segment_states_ptr + (at * D + offs_d[:, None]) * E
+                tl.store(segment_rows + offs_e[None, :], state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
-        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        q = _lightning_q_map(x_q, mask_td)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _lightning_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
         if STORE_OUTPUT:
@@ -617,8 +623,8 @@ def _lightning_fwd_kernel(
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        nonfinite = tl.where(_all_finite(state), 0, 1)
-        tl.store(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e, nonfinite)
+        nonfinite_at = nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e
+        tl.store(nonfinite_at, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
@@ -661,9 +667,14 @@ def _lightning_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
-        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        q = _lightning_q_map(x_q, mask_td)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _lightning_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
         # NaN and inf entries zeroed in the products over pairs, their rows marked afterwards.
@@ -708,9 +719,14 @@ def _lightning_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
-        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        q = _lightning_q_map(x_q, mask_td)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _lightning_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
@@ -767,9 +783,14 @@ def _lightning_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q, q = _lightning_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
-        x_k, k = _lightning_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
-        v = tl.load(_lightning_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te, other=0.0)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        q = _lightning_q_map(x_q, mask_td)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
+        k = _lightning_k_map(x_k, mask_td)
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
