@@ -77,6 +77,18 @@ def spec_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def _source_literal(source: str) -> str:
+    """SPEC_SOURCE's literal: one repr where it fits in 100 columns, else one repr per line
+    of the spec inside parentheses (the same string; a spec line past 100 columns stays
+    long). Split at "\n" only: the other characters str.splitlines breaks at stay escaped."""
+    literal = repr(source)
+    if len("SPEC_SOURCE = ") + len(literal) <= 100:
+        return literal
+    parts = source.split("\n")
+    pieces = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    return "(\n" + "".join(f"    {piece!r}\n" for piece in pieces) + ")"
+
+
 def render_module(
     specs: SpecFile | list[AttentionSpec],
     source: str,
@@ -95,7 +107,7 @@ def render_module(
         version=__version__,
         filename_comment=comment_text(filename),
         spec_hash=spec_hash(source),
-        source_literal=repr(source),
+        source_literal=_source_literal(source),
         configs_literal=pprint.pformat(tuned_configs or {}, width=90, sort_dicts=True),
         l2norm_eps=L2NORM_EPS,
         normalizer_eps=NORMALIZER_EPS,

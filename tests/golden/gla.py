@@ -3,7 +3,8 @@
 # Spec hash: f77e3412cb2b0e10
 """Linear attention kernels for: gla.
 
-gla: causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate logsigmoid(x)/16.
+gla: causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate
+logsigmoid(x)/16.
 
 Layout follows FlashAttention and fla: q [B, T, H, D], k [B, T, H_kv, D],
 v [B, T, H_kv, E], o [B, T, H, E]; states are float32 [N, H, D, E].
@@ -35,7 +36,18 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "f77e3412cb2b0e10"
-SPEC_SOURCE = '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\nattention gla {\n    feature_map = identity\n    decay       = per_channel\n    gate        = logsigmoid(x) / 16\n    chunk       = 64\n    scale       = auto\n}\n'
+SPEC_SOURCE = (
+    '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n'
+    '# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n'
+    '# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\n'
+    'attention gla {\n'
+    '    feature_map = identity\n'
+    '    decay       = per_channel\n'
+    '    gate        = logsigmoid(x) / 16\n'
+    '    chunk       = 64\n'
+    '    scale       = auto\n'
+    '}\n'
+)
 # Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
 LOG_DECAY_FLOOR = -100.0
 
@@ -806,13 +818,14 @@ def _gla_fwd_kernel(
                 v_finite = _finite_or_zero(v).to(dot_dtype)
                 for i in tl.static_range(BLOCK_T // SUB):
                     rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
-                        decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
-                        HKV, D, SUB)
+                        decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                        i_hk, HKV, D, SUB)
                     _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
                     # What the state carried in from earlier chunks contributes.
                     q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
                     o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-                    if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
+                    # The earlier sub-blocks of this chunk, split at the row before sub-block i.
+                    if i > 0:
                         k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
                                                               b_before - b, float("-inf")))
                         q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
@@ -895,13 +908,14 @@ def _gla_fwd_again_kernel(
         v_finite = _finite_or_zero(v).to(dot_dtype)
         for i in tl.static_range(BLOCK_T // SUB):
             rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
-                decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
-                HKV, D, SUB)
+                decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                i_hk, HKV, D, SUB)
             _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
             # What the state carried in from earlier chunks contributes.
             q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
             o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-            if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
+            # The earlier sub-blocks of this chunk, split at the row before sub-block i.
+            if i > 0:
                 k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
                                                       b_before - b, float("-inf")))
                 q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
@@ -1159,7 +1173,8 @@ def _gla_decay_grad_kernel(
 
 @triton.jit
 def _gla_decay_extent_kernel(
-    x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, exact_path_ptr, tokens, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Set *exact_path_ptr to 1 if the log decay of some window of CHUNK tokens moves a key
     channel by more than 40 either way (or is NaN).
@@ -1284,7 +1299,8 @@ def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
     cu_seqlens, num_seqs, longest = _check_cu_seqlens(cu_seqlens, B, T, q.device)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
-        _check_shape("initial_state", initial_state, (num_seqs, H, D, E), ("N", "H", "D", "E"))
+        _check_shape("initial_state", initial_state, (num_seqs, H, D, E),
+                     ("N", "H", "D", "E"))
     return B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest
 
 
@@ -1310,10 +1326,11 @@ def _gla_config(D, E):
     (Head dims are static facts of a launch: traced with symbolic sizes, they specialize.)"""
     D, E = int(D), int(E)
     config = {
-        "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 128),
-        "narrow_block_e": False,
-        "num_warps": 8, "bwd_num_warps": 8, "num_stages": 2,
-        "bwd_num_stages": 2, "segment": None, "bwd_segment": None,
+        "chunk": 64, "bwd_chunk": 64,
+        "block_e": min(_block(E), 128), "narrow_block_e": False,
+        "num_warps": 8, "bwd_num_warps": 8,
+        "num_stages": 2, "bwd_num_stages": 2,
+        "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("gla", D, E), {}))
     return config
@@ -1322,10 +1339,13 @@ def _gla_config(D, E):
 def _gla_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
-        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
+        H=H, HKV=k.shape[1], D=D, E=v.shape[2],
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D), BLOCK_E=block_e,
+        PRECISION=_precision(q.dtype),
+        num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
-        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # see _gla_launch_on_both_paths
+        # FAST_PATH: see _gla_launch_on_both_paths
+        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,
     )
 
 
@@ -1349,7 +1369,9 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
     config = _gla_config(D, E)
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
-    segment_len = _segment_length(config["segment"], longest, programs, config["chunk"], device, forward=True)
+    segment_len = _segment_length(
+        config["segment"], longest, programs, config["chunk"], device, forward=True
+    )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
     if segment_len is not None or not needs_grad:
@@ -1357,8 +1379,9 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
     return config, None, _gla_backward_segment_length(config, longest, num_seqs * H, device)
 
 
-def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-                            config):
+def _gla_segment_states(
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config,
+):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -1372,12 +1395,12 @@ def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segm
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
         decay_ptr=decay, decay_total_ptr=decay_total,
-        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
-        nonfinite_ptr=None,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None,
+        segment_starts=None, segment_len=0, nonfinite_ptr=None,
         exact_path_ptr=None,
         cu_seqlens=segment_cu, scale=1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
-        **_gla_launch_args(q, k, v, config, config["block_e"]),
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        STORE_SEGMENT_STATES=False, **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
@@ -1386,7 +1409,8 @@ def _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segm
         carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
+        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
+        REVERSE=False,
     )
     return segment_cu, segment_starts, entering
 
@@ -1400,7 +1424,8 @@ def _gla_exact_path_flag(decay, chunk):
     block_c = min(64, _block(columns))
     flag = torch.zeros(1, dtype=torch.int32, device=decay.device)
     _gla_decay_extent_kernel[(_cdiv(tokens, chunk), _cdiv(columns, block_c))](
-        x_ptr=decay, exact_path_ptr=flag, tokens=tokens, COLUMNS=columns, CHUNK=chunk, BLOCK_C=block_c,
+        x_ptr=decay, exact_path_ptr=flag, tokens=tokens, COLUMNS=columns, CHUNK=chunk,
+        BLOCK_C=block_c,
     )
     return flag
 
@@ -1421,7 +1446,10 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
     num_seqs = cu_seqlens.shape[0] - 1
     config = _gla_config(D, E)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_seqs, H, D), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty(
+        (num_seqs, H, D), dtype=torch.float32,
+        device=q.device,
+    )
     _launch(_gla_bwd_dkv_kernel, (1, num_seqs * H),
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
         decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
@@ -1434,7 +1462,9 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
     return dinitial_state
 
 
-def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+def _gla_outputs_again_where_nonfinite(
+    grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+):
     """The programs of the forward launch just made whose state came out NaN or inf
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _gla_fwd_again_kernel); the others return at once."""
@@ -1449,8 +1479,10 @@ def _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, n
     )
 
 
-def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len, cu_seqlens,
-                     scale, config, exact_path):
+def _gla_outputs(
+    q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
+    cu_seqlens, scale, config, exact_path,
+):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -1464,14 +1496,18 @@ def _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segmen
         segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
         exact_path_ptr=exact_path,
         cu_seqlens=cu_seqlens, scale=scale,
-        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
-        STORE_SEGMENT_STATES=entering is not None, **launch,
+        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
+        STORE_OUTPUT=True, STORE_SEGMENT_STATES=entering is not None, **launch,
     )
-    _gla_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
+    _gla_outputs_again_where_nonfinite(
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch
+    )
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
-                    store_output, needs_grad, exact_path):
+def _gla_forward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+    store_output, needs_grad, exact_path,
+):
     """The forward pass (see _gla_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
     exact_path: see _gla_exact_path_flag.
@@ -1479,29 +1515,45 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, outp
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
-    config, segment_len, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
-    final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    config, segment_len, saved_len = _gla_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
+    )
+    final_state = None
+    if output_final_state:
+        final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     if not store_output:
         _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
         return None, final_state, None
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
-    if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
+    o = torch.empty(N, H, E, dtype=q.dtype,
+                    device=q.device)
+    # Whole sequences without segment_len; perhaps storing the states entering the
+    # backward's segments.
+    if segment_len is None:
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
-        _gla_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
-                        scale, config, exact_path)
+            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E,
+                                   dtype=torch.float32, device=q.device)
+        _gla_outputs(
+            q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
+            cu_seqlens, scale, config, exact_path,
+        )
         return o, final_state, entering
-    segment_cu, _, entering = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                                      segment_len, final_state, config)
-    _gla_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config, exact_path)
+    segment_cu, _, entering = _gla_segment_states(
+        q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config
+    )
+    _gla_outputs(
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale,
+        config, exact_path,
+    )
     return o, final_state, entering
 
 
-def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-                     store_output, do, dfinal_state, needs_decay_grad, exact_path):
+def _gla_backward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+    store_output, do, dfinal_state, needs_decay_grad, exact_path,
+):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
     segments the forward pass cut or stored (see _gla_plan), or None."""
@@ -1532,8 +1584,9 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         # here when the forward pass did not hand segments over.
         segment_len = _gla_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                              segment_len, None, config)
+            segments = _gla_segment_states(
+                q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, None, config
+            )
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
         num_segments = num_seqs
@@ -1549,7 +1602,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
             dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             exact_path_ptr=None,
             cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
@@ -1558,7 +1612,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
             carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
+            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
+            REVERSE=True,
         )
     grid = (1, num_segments * H)
     _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
@@ -1567,7 +1622,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         initial_state_ptr=seq_init,
         exact_path_ptr=exact_path,
         cu_seqlens=seq_cu, scale=scale,
-        HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
+        HAS_INITIAL_STATE=seq_init is not None,
+        STORE_DB=needs_decay_grad, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
@@ -1575,7 +1631,8 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
         exact_path_ptr=exact_path,
         cu_seqlens=seq_cu, scale=scale,
-        HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
+        HAS_DFINAL_STATE=seq_dfinal is not None,
+        STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
     if group > 1:
@@ -1592,42 +1649,54 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         block_d = min(32, _block(D))
         grid = (num_seqs * H_kv, _cdiv(D, block_d))
         _gla_decay_grad_kernel[grid](
-            db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term, cu_seqlens=cu_seqlens,
-            H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d, HAS_FINAL_TERM=final_term is not None,
+            db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term,
+            cu_seqlens=cu_seqlens, H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d,
+            HAS_FINAL_TERM=final_term is not None,
         )
     return dq, dk, dv, ddecay, dinitial_state
 
 
-def _gla_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                        store_output, needs_grad):
+def _gla_run_forward(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     exact_path = None
-    # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
+    # One check of the decays, left on the device, picks the fast or exact kernels,
+    # forward and backward.
     config = _gla_config(q.shape[2], v.shape[2])
     exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
     o, final_state, entering = _gla_forward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
-        needs_grad, exact_path,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+        store_output, needs_grad, exact_path,
     )
     if o is None:  # state only: o stays unused, and its gradient is zero
-        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype,
+                        device=q.device)
     return o, final_state, entering, exact_path
 
 
-def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                            store_output, needs_grad):
+def _gla_forward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """The operator gla_forward: _gla_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
-    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
-    o, final_state, entering, exact_path = _gla_run_forward(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
-        needs_grad,
+    q, k, v, decay, initial_state, cu_seqlens = _dense(
+        q, k, v, decay, initial_state, cu_seqlens
     )
-    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
+    o, final_state, entering, exact_path = _gla_run_forward(
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output, needs_grad,
+    )
+
+    def empty_state():
+        return q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)
+
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1636,12 +1705,16 @@ def _gla_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, lo
     )
 
 
-def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                         store_output, needs_grad):
+def _gla_forward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """Shapes and dtypes of _gla_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
-    _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
+    _, _, saved_len = _gla_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
+    )
     saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
     return (
         q.new_empty((N, H, E), dtype=q.dtype),
@@ -1651,27 +1724,34 @@ def _gla_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longe
     )
 
 
-def _gla_run_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                         dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_run_backward(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _gla_backward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering, store_output, do,
-        dfinal_state, needs_decay_grad=needs_decay_grad, exact_path=exact_path,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+        store_output, do, dfinal_state,
+        needs_decay_grad=needs_decay_grad,
+        exact_path=exact_path,
     )
 
 
-def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                             dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_backward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The operator gla_backward: _gla_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
     dq, dk, dv, ddecay, dinitial_state = _gla_run_backward(
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering if entering.shape[0] > 0 else None,
-        exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+        q, k, v, decay, initial_state, cu_seqlens, final_state,
+        entering if entering.shape[0] > 0 else None, exact_path, do, dfinal_state, num_seqs,
+        longest, scale, store_output, needs_decay_grad,
     )
     return (
         dq, dk, dv,
@@ -1680,8 +1760,10 @@ def _gla_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state
     )
 
 
-def _gla_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                          dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _gla_backward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1692,20 +1774,24 @@ def _gla_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, e
 
 
 _gla_forward_op = _define_op(
-    "gla_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "SymInt num_seqs, SymInt longest, float scale, bool output_final_state, bool store_output, bool needs_grad) "
+    "gla_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, SymInt num_seqs, SymInt longest, float scale, "
+    "bool output_final_state, bool store_output, bool needs_grad) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     _gla_forward_kernels, _gla_forward_fake,
 )
 _gla_backward_op = _define_op(
-    "gla_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, Tensor? dfinal_state, SymInt num_seqs, "
-    "SymInt longest, float scale, bool store_output, bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gla_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, "
+    "Tensor? dfinal_state, SymInt num_seqs, SymInt longest, float scale, bool store_output, "
+    "bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _gla_backward_kernels, _gla_backward_fake,
 )
 
 
-def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
+def _gla_no_tokens_forward(
+    ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+):
     """_gla_Function.forward for a call without tokens (B = 0 or T = 0): no kernel runs.
     The outputs are empty; every sequence's final state is its initial state (or zeros)."""
     B, T, H, D = q.shape
@@ -1723,24 +1809,32 @@ def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_
 
 
 def _gla_no_tokens_backward(ctx, dfinal_state):
-    """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
+    """Gradients of a call without tokens: zeros, except dL/d(initial state) =
+    dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+
+    def zeros(x):
+        return None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
-    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None, None
+    return (zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state,
+            None, None, None, None, None, None, None)
 
 
 class _gla_Function(torch.autograd.Function):
-    """Differentiable through q, k, v, gate_input and initial_state, once: the backward
-    is not itself differentiable, so a backward with create_graph=True (the first step of a
-    second-order gradient, a gradient penalty say) raises instead of giving wrong values.
+    """Differentiable through q, k, v, gate_input and initial_state, once:
+    the backward is not itself differentiable, so a backward with create_graph=True (the
+    first step of a second-order gradient, a gradient penalty say) raises instead of giving
+    wrong values.
     The kernels run inside the operators _gla_forward_op and _gla_backward_op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                store_output, needs_grad):
+    def forward(
+        ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
+    ):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1748,7 +1842,9 @@ class _gla_Function(torch.autograd.Function):
         if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
             initial_state = initial_state.contiguous()
         if B * T == 0:
-            return _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state)
+            return _gla_no_tokens_forward(
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state
+            )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
@@ -1757,15 +1853,19 @@ class _gla_Function(torch.autograd.Function):
         # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
-        o, final_state, entering, exact_path = (_gla_run_forward if ctx.direct else _gla_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
-            needs_grad,
+        run_forward = _gla_run_forward if ctx.direct else _gla_forward_op
+        o, final_state, entering, exact_path = run_forward(
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+            output_final_state, store_output, needs_grad,
         )
-        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path)
+        ctx.save_for_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path
+        )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
-        o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
+        # A no-op unless the kernels ran in float32 for bf16 inputs.
+        o = o.to(ctx.input_dtypes[0])
         return o.view(B, T, H, E), final_state if output_final_state else None
 
     @staticmethod
@@ -1776,21 +1876,24 @@ class _gla_Function(torch.autograd.Function):
         # require grad (loss = o.sum()), silently leaving the second-order terms out.
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
-                "gla: second-order gradients are not supported (its backward kernels are not "
-                "differentiable), so a backward with create_graph=True through gla would give wrong "
-                "values; compute first-order gradients only (create_graph=False)"
+                "gla: second-order gradients are not supported (its backward kernels are "
+                "not differentiable), so a backward with create_graph=True through gla "
+                "would give wrong values; compute first-order gradients only "
+                "(create_graph=False)"
             )
         if ctx.no_tokens:
             return _gla_no_tokens_backward(ctx, dfinal_state)
         B, T, num_seqs, longest = ctx.sizes
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path = ctx.saved_tensors
+        (q, k, v, decay, initial_state, cu_seqlens, final_state, entering,
+         exact_path) = ctx.saved_tensors
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ddecay, dinitial_state = (_gla_run_backward if ctx.direct else _gla_backward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
-            longest, ctx.scale, ctx.store_output, needs_decay_grad,
+        run_backward = _gla_run_backward if ctx.direct else _gla_backward_op
+        dq, dk, dv, ddecay, dinitial_state = run_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+            dfinal_state, num_seqs, longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
         if ddecay is not None:
@@ -1801,18 +1904,25 @@ class _gla_Function(torch.autograd.Function):
         return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None, None
 
 
-def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None):
-    """causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate logsigmoid(x)/16.
+def gla(
+    q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None,
+    output_final_state=False, cu_seqlens=None,
+):
+    """causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate
+    logsigmoid(x)/16.
 
     Args:
         q: [B, T, H, D] queries; k: [B, T, H_kv, D] keys; v: [B, T, H_kv, E] values
             (bf16, fp16 or fp32; H_kv must divide H).
-        gate_input: [B, T, H_kv, D] raw gate input, turned into log decay by logsigmoid(x)/16.
+        gate_input: [B, T, H_kv, D] raw gate input, turned into log decay by
+            logsigmoid(x)/16.
         scale: multiplies the output; default 1/sqrt(D).
-        initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
-        output_final_state: also return the float32 [N, H, D, E] state after the last token.
-        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+        initial_state: optional float32 [N, H, D, E] state to start from
+            (N sequences).
+        output_final_state: also return the float32 [N, H, D, E] state after the
+            last token.
+        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must
+            be 1).
             Checked on the host in eager calls (one device-to-host copy); under torch.compile
             and CUDA-graph capture it is not read on the host (see README, "torch.compile").
 
@@ -1828,24 +1938,31 @@ def gla(q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, o
         (o [B, T, H, E], final_state or None)
     """
     _gla_check_arguments(unexpected, gate_input)
-    return _gla_call(q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens)
+    return _gla_call(
+        q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens
+    )
 
 
-def _gla_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+def _gla_call(
+    q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True,
+):
     """gla once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of gla_sp."""
     B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest = _gla_check_inputs(
         q, k, v, decay, initial_state, cu_seqlens
     )
     if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+        raise ValueError(
+            f"output_final_state must be True or False, got {output_final_state!r}"
+        )
     scale = _resolve_scale(scale, None, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _gla_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
     )
     if not store_output:
         return None, final_state
@@ -1857,13 +1974,15 @@ def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
     q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
-    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
+    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype,
+                      device=q_t.device)
     new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
     if B > 0:  # an empty batch launches nothing
         block_e = min(_block(E_state), 64)
         _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
-            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state,
+            o_ptr=o_t, new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state,
+            BLOCK_D=_block(D), BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1871,24 +1990,30 @@ def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
 def _gla_step_fake(q_t, k_t, v_t, state, decay, scale):
     B, H, _ = q_t.shape
     return (
-        q_t.new_empty((B, H, v_t.shape[2]), dtype=q_t.dtype),
+        q_t.new_empty((B, H, v_t.shape[2]),
+                      dtype=q_t.dtype),
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
 
 
 _gla_step_op = _define_op(
-    "gla_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) -> (Tensor, Tensor)",
+    "gla_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) "
+    "-> (Tensor, Tensor)",
     _gla_step_kernels, _gla_step_fake,
 )
 
 
 def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
-    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference only.
+    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference
+    only.
 
-    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E], gate_input [B, H_kv, D].
+    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E],
+    gate_input [B, H_kv, D].
     """
     _gla_check_arguments(unexpected, gate_input)
-    B, H, H_kv, D, E = _gla_check_step_inputs(q_t, k_t, v_t, state, gate_input)
+    B, H, H_kv, D, E = _gla_check_step_inputs(
+        q_t, k_t, v_t, state, gate_input,
+    )
     out_dtype = q_t.dtype
     scale = _resolve_scale(scale, None, D)
     # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
@@ -1930,14 +2055,19 @@ class _gla_SequenceParallel(torch.autograd.Function):
         _, own_state = _gla_call(q, k, v, decay, scale, None, True, None, store_output=False)
         states = _allgather(own_state, group)
         totals = _allgather(_gla_sp_totals(q, k, decay), group)
-        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
+        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1),
+        # S_0 = initial_state.
+        if initial_state is not None:
+            incoming = initial_state.float()
+        else:
+            incoming = torch.zeros_like(own_state)
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, decay)]
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad)
+                      for x in (q, k, v, decay)]
             start = entering.detach().requires_grad_()
             o, local_final = _gla_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -1960,7 +2090,8 @@ class _gla_SequenceParallel(torch.autograd.Function):
         kernel_decay = _tokenwise(decay)
         scale = _resolve_scale(ctx.scale, None, D)
         through_outputs = _gla_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device),
+            scale, flat[3],
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -1974,8 +2105,10 @@ class _gla_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True))
-        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None for x in leaves)
+        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad),
+                                         allow_unused=True))
+        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None
+                              for x in leaves)
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -2014,7 +2147,10 @@ def _gla_k_map_reference(x):
     return x
 
 
-def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gla_reference(
+    q, k, v, gate_input, *, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None,
+):
     """The same function as `gla`, in plain PyTorch, for checking: any dtype
     (use float64), any device, O(T²) memory. Written as the masked 'parallel form'
     o_t = scale * sum_{s<=t} (φq(q_t) ⊙ decay(t, s)) · φk(k_s) v_s, not as chunks."""
@@ -2026,7 +2162,8 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
             o_i, s_i = gla_reference(
                 q[:, piece], k[:, piece], v[:, piece],
                 gate_input[:, piece],
-                scale=scale, initial_state=None if initial_state is None else initial_state[i : i + 1],
+                scale=scale,
+                initial_state=None if initial_state is None else initial_state[i : i + 1],
                 output_final_state=True,
             )
             outputs.append(o_i)
@@ -2036,7 +2173,10 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        if initial_state is not None:
+            state = initial_state.to(q.dtype)
+        else:
+            state = q.new_zeros(B, H, D, E_state)
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -2057,7 +2197,8 @@ def gla_reference(q, k, v, gate_input, *, scale=None, initial_state=None, output
     exponent = exponent.masked_fill(~causal[None, :, :, None, None], float("-inf"))
     scores = torch.einsum("bthd,bshd,btshd->bhts", q, k_finite, exponent.exp())
     cum_end = cum[:, -1]  # [B, H, D]
-    state = cum_end.exp()[..., None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
+    start = initial_state.to(q.dtype) if initial_state is not None else 0.0
+    state = cum_end.exp()[..., None] * start
     state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp(), v)
     from_start = q * cum.exp()
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
@@ -2074,7 +2215,8 @@ def _gla_gate_reference(x):
 
 
 def _gla_log_decay_reference(x):
-    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the
+    kernels do."""
     g = _gla_gate_reference(x)
     return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 

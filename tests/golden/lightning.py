@@ -35,7 +35,17 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "a65e0e126633f8d5"
-SPEC_SOURCE = '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\nattention lightning {\n    feature_map = identity\n    decay       = per_head        # slope[H] passed at call time\n    causal      = true\n    chunk       = 64              # intra-block size; `auto` lets tuning pick\n    scale       = 1.0             # or `auto` = 1/sqrt(D)\n}\n'
+SPEC_SOURCE = (
+    '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n'
+    '# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\n'
+    'attention lightning {\n'
+    '    feature_map = identity\n'
+    '    decay       = per_head        # slope[H] passed at call time\n'
+    '    causal      = true\n'
+    '    chunk       = 64              # intra-block size; `auto` lets tuning pick\n'
+    '    scale       = 1.0             # or `auto` = 1/sqrt(D)\n'
+    '}\n'
+)
 # Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
 LOG_DECAY_FLOOR = -100.0
 
@@ -898,8 +908,10 @@ def _lightning_check_arguments(unexpected, slope):
 def _lightning_check_decay_input(slope, leading, leading_names, H, H_kv, D):
     """The decay input's shape and dtype; `leading` are the dims before the head dim
     ((B, T) in a call, (B,) in a decoding step; the per-head slope has none)."""
-    _check_tensor("slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    _check_shape("slope", slope, (H,), ("H",))
+    _check_tensor("slope", slope, ("H",),
+                  (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    _check_shape("slope", slope, (H,),
+                 ("H",))
 
 
 def _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens):
@@ -918,7 +930,8 @@ def _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens):
     cu_seqlens, num_seqs, longest = _check_cu_seqlens(cu_seqlens, B, T, q.device)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
-        _check_shape("initial_state", initial_state, (num_seqs, H, D, E), ("N", "H", "D", "E"))
+        _check_shape("initial_state", initial_state, (num_seqs, H, D, E),
+                     ("N", "H", "D", "E"))
     return B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest
 
 
@@ -944,10 +957,11 @@ def _lightning_config(D, E):
     (Head dims are static facts of a launch: traced with symbolic sizes, they specialize.)"""
     D, E = int(D), int(E)
     config = {
-        "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 64),
-        "narrow_block_e": True,
-        "num_warps": 4, "bwd_num_warps": 8, "num_stages": 3,
-        "bwd_num_stages": 3, "segment": None, "bwd_segment": None,
+        "chunk": 64, "bwd_chunk": 64,
+        "block_e": min(_block(E), 64), "narrow_block_e": True,
+        "num_warps": 4, "bwd_num_warps": 8,
+        "num_stages": 3, "bwd_num_stages": 3,
+        "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("lightning", D, E), {}))
     return config
@@ -956,8 +970,10 @@ def _lightning_config(D, E):
 def _lightning_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
-        H=H, HKV=k.shape[1], D=D, E=v.shape[2], BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype), num_warps=config["bwd_num_warps" if backward else "num_warps"],
+        H=H, HKV=k.shape[1], D=D, E=v.shape[2],
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D), BLOCK_E=block_e,
+        PRECISION=_precision(q.dtype),
+        num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
     )
 
@@ -982,7 +998,9 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     config = _lightning_config(D, E)
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
-    segment_len = _segment_length(config["segment"], longest, programs, config["chunk"], device, forward=True)
+    segment_len = _segment_length(
+        config["segment"], longest, programs, config["chunk"], device, forward=True
+    )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
     if segment_len is not None or not needs_grad:
@@ -990,8 +1008,9 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     return config, None, _lightning_backward_segment_length(config, longest, num_seqs * H, device)
 
 
-def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-                            config):
+def _lightning_segment_states(
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config,
+):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -1005,11 +1024,11 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
     _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
         decay_ptr=decay, decay_total_ptr=decay_total,
-        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None, segment_len=0,
-        nonfinite_ptr=None,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None,
+        segment_starts=None, segment_len=0, nonfinite_ptr=None,
         cu_seqlens=segment_cu, scale=1.0,
-        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False, STORE_SEGMENT_STATES=False,
-        **_lightning_launch_args(q, k, v, config, config["block_e"]),
+        HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
+        STORE_SEGMENT_STATES=False, **_lightning_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
@@ -1018,7 +1037,8 @@ def _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest
         carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None, REVERSE=False,
+        HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
+        REVERSE=False,
     )
     return segment_cu, segment_starts, entering
 
@@ -1032,7 +1052,10 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
     num_seqs = cu_seqlens.shape[0] - 1
     config = _lightning_config(D, E)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_seqs, H), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty(
+        (num_seqs, H), dtype=torch.float32,
+        device=q.device,
+    )
     _launch(_lightning_bwd_dkv_kernel, (1, num_seqs * H),
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
         decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
@@ -1044,7 +1067,9 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
     return dinitial_state
 
 
-def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch):
+def _lightning_outputs_again_where_nonfinite(
+    grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+):
     """The programs of the forward launch just made whose state came out NaN or inf
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _lightning_fwd_again_kernel); the others return at once."""
@@ -1058,8 +1083,10 @@ def _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_st
     )
 
 
-def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len, cu_seqlens,
-                     scale, config):
+def _lightning_outputs(
+    q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
+    cu_seqlens, scale, config,
+):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -1072,43 +1099,63 @@ def _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, 
         initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
         segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
         cu_seqlens=cu_seqlens, scale=scale,
-        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None, STORE_OUTPUT=True,
-        STORE_SEGMENT_STATES=entering is not None, **launch,
+        HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
+        STORE_OUTPUT=True, STORE_SEGMENT_STATES=entering is not None, **launch,
     )
-    _lightning_outputs_again_where_nonfinite(grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch)
+    _lightning_outputs_again_where_nonfinite(
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch
+    )
 
 
-def _lightning_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
-                    store_output, needs_grad):
+def _lightning_forward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """The forward pass (see _lightning_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
     """
     N, H, D = q.shape
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
-    config, segment_len, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
-    final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    config, segment_len, saved_len = _lightning_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
+    )
+    final_state = None
+    if output_final_state:
+        final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     if not store_output:
         _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
         return None, final_state, None
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
-    if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
+    o = torch.empty(N, H, E, dtype=q.dtype,
+                    device=q.device)
+    # Whole sequences without segment_len; perhaps storing the states entering the
+    # backward's segments.
+    if segment_len is None:
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device)
-        _lightning_outputs(q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len, cu_seqlens,
-                        scale, config)
+            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E,
+                                   dtype=torch.float32, device=q.device)
+        _lightning_outputs(
+            q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
+            cu_seqlens, scale, config,
+        )
         return o, final_state, entering
-    segment_cu, _, entering = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                                      segment_len, final_state, config)
-    _lightning_outputs(q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config)
+    segment_cu, _, entering = _lightning_segment_states(
+        q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config
+    )
+    _lightning_outputs(
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale,
+        config,
+    )
     return o, final_state, entering
 
 
-def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-                     store_output, do, dfinal_state, needs_decay_grad):
+def _lightning_backward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+    store_output, do, dfinal_state, needs_decay_grad,
+):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
     segments the forward pass cut or stored (see _lightning_plan), or None."""
@@ -1139,8 +1186,9 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         # here when the forward pass did not hand segments over.
         segment_len = _lightning_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                              segment_len, None, config)
+            segments = _lightning_segment_states(
+                q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, None, config
+            )
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
         num_segments = num_seqs
@@ -1155,7 +1203,8 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
             decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
             dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True, **launch,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
@@ -1164,7 +1213,8 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
             carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
-            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None, REVERSE=True,
+            HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
+            REVERSE=True,
         )
     grid = (1, num_segments * H)
     _launch(_lightning_bwd_dq_kernel, grid,
@@ -1172,14 +1222,16 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         decay_ptr=decay, db_ptr=db_q,
         initial_state_ptr=seq_init,
         cu_seqlens=seq_cu, scale=scale,
-        HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
+        HAS_INITIAL_STATE=seq_init is not None,
+        STORE_DB=needs_decay_grad, **launch,
     )
     _launch(_lightning_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
         decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
         dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
         cu_seqlens=seq_cu, scale=scale,
-        HAS_DFINAL_STATE=seq_dfinal is not None, STORE_DINITIAL_STATE=segments is None and initial_state is not None,
+        HAS_DFINAL_STATE=seq_dfinal is not None,
+        STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
     )
     if group > 1:
@@ -1196,16 +1248,20 @@ def _lightning_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scal
         #                                             = -sum_u (position of u + 1) * db_u.
         db = db_q - db_k
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=N)  # no host sync
+        # output_size: no host sync
+        first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=N)
         ddecay = -((torch.arange(N, device=q.device) - first + 1).to(db.dtype)[:, None] * db).sum(0)
         if final_term is not None:
             ddecay -= (lengths[:, None] * final_term).sum(0)
-        ddecay = torch.where(-decay < LOG_DECAY_FLOOR, 0.0, ddecay)  # raised to the floor: no gradient
+        # A decay raised to the floor has no gradient.
+        ddecay = torch.where(-decay < LOG_DECAY_FLOOR, 0.0, ddecay)
     return dq, dk, dv, ddecay, dinitial_state
 
 
-def _lightning_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                        store_output, needs_grad):
+def _lightning_run_forward(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
@@ -1213,24 +1269,32 @@ def _lightning_run_forward(q, k, v, decay, initial_state, cu_seqlens, num_seqs, 
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     exact_path = None
     o, final_state, entering = _lightning_forward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
-        needs_grad,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+        store_output, needs_grad,
     )
     if o is None:  # state only: o stays unused, and its gradient is zero
-        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype,
+                        device=q.device)
     return o, final_state, entering, exact_path
 
 
-def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                            store_output, needs_grad):
+def _lightning_forward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """The operator lightning_forward: _lightning_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
-    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
-    o, final_state, entering, exact_path = _lightning_run_forward(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
-        needs_grad,
+    q, k, v, decay, initial_state, cu_seqlens = _dense(
+        q, k, v, decay, initial_state, cu_seqlens
     )
-    empty_state = lambda: q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)  # noqa: E731
+    o, final_state, entering, exact_path = _lightning_run_forward(
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+        store_output, needs_grad,
+    )
+
+    def empty_state():
+        return q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)
+
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1239,12 +1303,16 @@ def _lightning_forward_kernels(q, k, v, decay, initial_state, cu_seqlens, num_se
     )
 
 
-def _lightning_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                         store_output, needs_grad):
+def _lightning_forward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
+    store_output, needs_grad,
+):
     """Shapes and dtypes of _lightning_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
-    _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
+    _, _, saved_len = _lightning_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
+    )
     saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
     return (
         q.new_empty((N, H, E), dtype=q.dtype),
@@ -1254,27 +1322,33 @@ def _lightning_forward_fake(q, k, v, decay, initial_state, cu_seqlens, num_seqs,
     )
 
 
-def _lightning_run_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                         dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_run_backward(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _lightning_backward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering, store_output, do,
-        dfinal_state, needs_decay_grad=needs_decay_grad,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+        store_output, do, dfinal_state,
+        needs_decay_grad=needs_decay_grad,
     )
 
 
-def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                             dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_backward_kernels(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The operator lightning_backward: _lightning_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
         q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state
     )
     dq, dk, dv, ddecay, dinitial_state = _lightning_run_backward(
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering if entering.shape[0] > 0 else None,
-        exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+        q, k, v, decay, initial_state, cu_seqlens, final_state,
+        entering if entering.shape[0] > 0 else None, exact_path, do, dfinal_state, num_seqs,
+        longest, scale, store_output, needs_decay_grad,
     )
     return (
         dq, dk, dv,
@@ -1283,8 +1357,10 @@ def _lightning_backward_kernels(q, k, v, decay, initial_state, cu_seqlens, final
     )
 
 
-def _lightning_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-                          dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+def _lightning_backward_fake(
+    q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1295,20 +1371,24 @@ def _lightning_backward_fake(q, k, v, decay, initial_state, cu_seqlens, final_st
 
 
 _lightning_forward_op = _define_op(
-    "lightning_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "SymInt num_seqs, SymInt longest, float scale, bool output_final_state, bool store_output, bool needs_grad) "
+    "lightning_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, SymInt num_seqs, SymInt longest, float scale, "
+    "bool output_final_state, bool store_output, bool needs_grad) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     _lightning_forward_kernels, _lightning_forward_fake,
 )
 _lightning_backward_op = _define_op(
-    "lightning_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, Tensor? dfinal_state, SymInt num_seqs, "
-    "SymInt longest, float scale, bool store_output, bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "lightning_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, "
+    "Tensor? dfinal_state, SymInt num_seqs, SymInt longest, float scale, bool store_output, "
+    "bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _lightning_backward_kernels, _lightning_backward_fake,
 )
 
 
-def _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
+def _lightning_no_tokens_forward(
+    ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+):
     """_lightning_Function.forward for a call without tokens (B = 0 or T = 0): no kernel runs.
     The outputs are empty; every sequence's final state is its initial state (or zeros)."""
     B, T, H, D = q.shape
@@ -1326,24 +1406,32 @@ def _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, o
 
 
 def _lightning_no_tokens_backward(ctx, dfinal_state):
-    """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
+    """Gradients of a call without tokens: zeros, except dL/d(initial state) =
+    dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+
+    def zeros(x):
+        return None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
-    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None, None
+    return (zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state,
+            None, None, None, None, None, None, None)
 
 
 class _lightning_Function(torch.autograd.Function):
-    """Differentiable through q, k, v, slope and initial_state, once: the backward
-    is not itself differentiable, so a backward with create_graph=True (the first step of a
-    second-order gradient, a gradient penalty say) raises instead of giving wrong values.
+    """Differentiable through q, k, v, slope and initial_state, once:
+    the backward is not itself differentiable, so a backward with create_graph=True (the
+    first step of a second-order gradient, a gradient penalty say) raises instead of giving
+    wrong values.
     The kernels run inside the operators _lightning_forward_op and _lightning_backward_op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-                store_output, needs_grad):
+    def forward(
+        ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
+    ):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1351,7 +1439,9 @@ class _lightning_Function(torch.autograd.Function):
         if initial_state is not None:  # the kernels read states as dense [N, H, D, E] arrays
             initial_state = initial_state.contiguous()
         if B * T == 0:
-            return _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state)
+            return _lightning_no_tokens_forward(
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state
+            )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
         # transposed storage, a broadcast), and in the dtype the kernels run in.
@@ -1360,15 +1450,19 @@ class _lightning_Function(torch.autograd.Function):
         # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
-        o, final_state, entering, exact_path = (_lightning_run_forward if ctx.direct else _lightning_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output,
-            needs_grad,
+        run_forward = _lightning_run_forward if ctx.direct else _lightning_forward_op
+        o, final_state, entering, exact_path = run_forward(
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+            output_final_state, store_output, needs_grad,
         )
-        ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path)
+        ctx.save_for_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path
+        )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
-        o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
+        # A no-op unless the kernels ran in float32 for bf16 inputs.
+        o = o.to(ctx.input_dtypes[0])
         return o.view(B, T, H, E), final_state if output_final_state else None
 
     @staticmethod
@@ -1379,21 +1473,24 @@ class _lightning_Function(torch.autograd.Function):
         # require grad (loss = o.sum()), silently leaving the second-order terms out.
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
-                "lightning: second-order gradients are not supported (its backward kernels are not "
-                "differentiable), so a backward with create_graph=True through lightning would give wrong "
-                "values; compute first-order gradients only (create_graph=False)"
+                "lightning: second-order gradients are not supported (its backward kernels are "
+                "not differentiable), so a backward with create_graph=True through lightning "
+                "would give wrong values; compute first-order gradients only "
+                "(create_graph=False)"
             )
         if ctx.no_tokens:
             return _lightning_no_tokens_backward(ctx, dfinal_state)
         B, T, num_seqs, longest = ctx.sizes
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path = ctx.saved_tensors
+        (q, k, v, decay, initial_state, cu_seqlens, final_state, entering,
+         exact_path) = ctx.saved_tensors
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ddecay, dinitial_state = (_lightning_run_backward if ctx.direct else _lightning_backward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do, dfinal_state, num_seqs,
-            longest, ctx.scale, ctx.store_output, needs_decay_grad,
+        run_backward = _lightning_run_backward if ctx.direct else _lightning_backward_op
+        dq, dk, dv, ddecay, dinitial_state = run_backward(
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
+            dfinal_state, num_seqs, longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
         if initial_state is None:
@@ -1402,8 +1499,10 @@ class _lightning_Function(torch.autograd.Function):
         return dq, dk, dv, ddecay, dinitial_state, None, None, None, None, None, None, None
 
 
-def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None):
+def lightning(
+    q, k, v, slope=None, *unexpected, scale=None, initial_state=None,
+    output_final_state=False, cu_seqlens=None,
+):
     """causal, linear attention, per-head decay exp(-slope_h), feature map identity.
 
     Args:
@@ -1411,9 +1510,12 @@ def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, 
             (bf16, fp16 or fp32; H_kv must divide H).
         slope: [H] positive per-head decay rates; the state decays by exp(-slope) per token.
         scale: multiplies the output; default 1.0.
-        initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
-        output_final_state: also return the float32 [N, H, D, E] state after the last token.
-        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+        initial_state: optional float32 [N, H, D, E] state to start from
+            (N sequences).
+        output_final_state: also return the float32 [N, H, D, E] state after the
+            last token.
+        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must
+            be 1).
             Checked on the host in eager calls (one device-to-host copy); under torch.compile
             and CUDA-graph capture it is not read on the host (see README, "torch.compile").
 
@@ -1429,24 +1531,31 @@ def lightning(q, k, v, slope=None, *unexpected, scale=None, initial_state=None, 
         (o [B, T, H, E], final_state or None)
     """
     _lightning_check_arguments(unexpected, slope)
-    return _lightning_call(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens)
+    return _lightning_call(
+        q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens
+    )
 
 
-def _lightning_call(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True):
+def _lightning_call(
+    q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, store_output=True,
+):
     """lightning once its positional arguments are sorted out. store_output=False skips the
     outputs and returns (None, final state): the first pass of lightning_sp."""
     B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest = _lightning_check_inputs(
         q, k, v, decay, initial_state, cu_seqlens
     )
     if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+        raise ValueError(
+            f"output_final_state must be True or False, got {output_final_state!r}"
+        )
     scale = _resolve_scale(scale, 1.0, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _lightning_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state, store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
     )
     if not store_output:
         return None, final_state
@@ -1458,13 +1567,15 @@ def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
     q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
-    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
+    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype,
+                      device=q_t.device)
     new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
     if B > 0:  # an empty batch launches nothing
         block_e = min(_block(E_state), 64)
         _lightning_step_kernel[(_cdiv(E_state, block_e), B * H)](
-            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D), BLOCK_E=block_e,
+            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state,
+            o_ptr=o_t, new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state,
+            BLOCK_D=_block(D), BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1472,24 +1583,30 @@ def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
 def _lightning_step_fake(q_t, k_t, v_t, state, decay, scale):
     B, H, _ = q_t.shape
     return (
-        q_t.new_empty((B, H, v_t.shape[2]), dtype=q_t.dtype),
+        q_t.new_empty((B, H, v_t.shape[2]),
+                      dtype=q_t.dtype),
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
 
 
 _lightning_step_op = _define_op(
-    "lightning_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) -> (Tensor, Tensor)",
+    "lightning_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) "
+    "-> (Tensor, Tensor)",
     _lightning_step_kernels, _lightning_step_fake,
 )
 
 
 def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
-    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference only.
+    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference
+    only.
 
-    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E], slope [H].
+    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E],
+    slope [H].
     """
     _lightning_check_arguments(unexpected, slope)
-    B, H, H_kv, D, E = _lightning_check_step_inputs(q_t, k_t, v_t, state, slope)
+    B, H, H_kv, D, E = _lightning_check_step_inputs(
+        q_t, k_t, v_t, state, slope,
+    )
     out_dtype = q_t.dtype
     scale = _resolve_scale(scale, 1.0, D)
     # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
@@ -1531,14 +1648,19 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         _, own_state = _lightning_call(q, k, v, decay, scale, None, True, None, store_output=False)
         states = _allgather(own_state, group)
         totals = _allgather(_lightning_sp_totals(q, k, decay), group)
-        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(own_state)
+        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1),
+        # S_0 = initial_state.
+        if initial_state is not None:
+            incoming = initial_state.float()
+        else:
+            incoming = torch.zeros_like(own_state)
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None, None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, decay)]
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad)
+                      for x in (q, k, v, decay)]
             start = entering.detach().requires_grad_()
             o, local_final = _lightning_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -1561,7 +1683,8 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         kernel_decay = decay.float().contiguous()
         scale = _resolve_scale(ctx.scale, 1.0, D)
         through_outputs = _lightning_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale, flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device),
+            scale, flat[3],
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -1575,8 +1698,10 @@ class _lightning_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None, None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True))
-        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None for x in leaves)
+        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad),
+                                         allow_unused=True))
+        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None
+                              for x in leaves)
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -1615,7 +1740,10 @@ def _lightning_k_map_reference(x):
     return x
 
 
-def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def lightning_reference(
+    q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None,
+):
     """The same function as `lightning`, in plain PyTorch, for checking: any dtype
     (use float64), any device, O(T²) memory. Written as the masked 'parallel form'
     o_t = scale * sum_{s<=t} (φq(q_t) ⊙ decay(t, s)) · φk(k_s) v_s, not as chunks."""
@@ -1627,7 +1755,8 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
             o_i, s_i = lightning_reference(
                 q[:, piece], k[:, piece], v[:, piece],
                 slope,
-                scale=scale, initial_state=None if initial_state is None else initial_state[i : i + 1],
+                scale=scale,
+                initial_state=None if initial_state is None else initial_state[i : i + 1],
                 output_final_state=True,
             )
             outputs.append(o_i)
@@ -1637,7 +1766,10 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, D, E_state)
+        if initial_state is not None:
+            state = initial_state.to(q.dtype)
+        else:
+            state = q.new_zeros(B, H, D, E_state)
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0
@@ -1658,8 +1790,10 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
     exponent = exponent.masked_fill(~causal[None, :, :, None], float("-inf"))
     scores = torch.einsum("bthd,bshd->bhts", q, k_finite) * exponent.exp().permute(0, 3, 1, 2)
     cum_end = cum[:, -1]  # [B, H]
-    state = cum_end.exp()[..., None, None] * (initial_state.to(q.dtype) if initial_state is not None else 0.0)
-    state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp()[..., None], v)
+    start = initial_state.to(q.dtype) if initial_state is not None else 0.0
+    state = cum_end.exp()[..., None, None] * start
+    decayed_k = k * (cum_end[:, None] - cum).exp()[..., None]
+    state = state + torch.einsum("bshd,bshe->bhde", decayed_k, v)
     from_start = q * cum.exp()[..., None]
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
     o = torch.where(reached, float("nan"), o)
@@ -1670,7 +1804,8 @@ def lightning_reference(q, k, v, slope, *, scale=None, initial_state=None, outpu
 
 
 def _lightning_log_decay_reference(x):
-    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the
+    kernels do."""
     g = x
     return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 
