@@ -78,6 +78,21 @@ def spec_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def _source_literal(source: str) -> str:
+    """SPEC_SOURCE's literal: one repr where it fits in 100 columns, else one repr per line
+    of the spec inside parentheses (the same string; a spec line past 100 columns stays
+    long; a spec of more than 400 lines stays one repr). Split at "\n" only: the other
+    characters str.splitlines breaks at stay escaped."""
+    literal = repr(source)
+    parts = source.split("\n")
+    # A huge spec (the frontend takes up to MAX_SOURCE_BYTES) stays one line: split, a
+    # megabyte of blank lines would make a module of a million lines.
+    if len("SPEC_SOURCE = ") + len(literal) <= 100 or len(parts) > 400:
+        return literal
+    pieces = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    return "(\n" + "".join(f"    {piece!r}\n" for piece in pieces) + ")"
+
+
 def render_module(
     specs: SpecFile | list[AttentionSpec],
     source: str,
@@ -96,7 +111,7 @@ def render_module(
         version=__version__,
         filename_comment=comment_text(filename),
         spec_hash=spec_hash(source),
-        source_literal=repr(source),
+        source_literal=_source_literal(source),
         configs_literal=pprint.pformat(tuned_configs or {}, width=90, sort_dicts=True),
         l2norm_eps=L2NORM_EPS,
         normalizer_eps=NORMALIZER_EPS,

@@ -3,7 +3,8 @@
 # Spec hash: f77e3412cb2b0e10
 """Linear attention kernels for: gla.
 
-gla: causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate logsigmoid(x)/16.
+gla: causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate
+logsigmoid(x)/16.
 
 Layout follows FlashAttention and fla: q [B, T, H, D], k [B, T, H_kv, D],
 v [B, T, H_kv, E], o [B, T, H, E]; states are float32 [N, H, D, E].
@@ -35,7 +36,18 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "f77e3412cb2b0e10"
-SPEC_SOURCE = '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\nattention gla {\n    feature_map = identity\n    decay       = per_channel\n    gate        = logsigmoid(x) / 16\n    chunk       = 64\n    scale       = auto\n}\n'
+SPEC_SOURCE = (
+    '# Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers\n'
+    '# with Hardware-Efficient Training"): a data-dependent decay per key channel,\n'
+    '# g = logsigmoid(x) / 16 computed in the kernel from the raw gate projection.\n'
+    'attention gla {\n'
+    '    feature_map = identity\n'
+    '    decay       = per_channel\n'
+    '    gate        = logsigmoid(x) / 16\n'
+    '    chunk       = 64\n'
+    '    scale       = auto\n'
+    '}\n'
+)
 # Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
 LOG_DECAY_FLOOR = -100.0
 
@@ -83,9 +95,8 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(
-            f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}"
-        )
+        expected = ", ".join(map(str, dtypes))
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {expected}")
 
 
 def _check_shape(name, x, expected, layout):
@@ -98,9 +109,10 @@ def _check_shape(name, x, expected, layout):
 def _check_device(device, **tensors):
     if device.type == "cpu" and not _INTERPRETED:
         raise ValueError(
-            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled for "
-            "CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's interpreter "
-            "only where no GPU is present, or with TRITON_INTERPRET=1 set before the module is imported)"
+            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled "
+            "for CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's "
+            "interpreter only where no GPU is present, or with TRITON_INTERPRET=1 set before the "
+            "module is imported)"
         )
     for name, x in tensors.items():
         if x is not None and not isinstance(x, torch.Tensor):
@@ -145,9 +157,8 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
-        torch.int32, torch.int64,
-    ):
+    int_dtypes = (torch.int32, torch.int64)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in int_dtypes:
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(
@@ -169,7 +180,8 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
         raise ValueError(
-            f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}"
+            f"cu_seqlens must start at 0 and end at T = {length}, "
+            f"got {bounds[0]} ... {bounds[-1]}"
         )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
@@ -202,7 +214,8 @@ def _segment_length(requested, longest, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+# (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+_WHAT_FITS = {}
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -240,7 +253,8 @@ def _launch_key(kernel, args, meta):
     dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
     settings = tuple(sorted(
         (k, x) for k, x in meta.items()
-        if (k.isupper() or k in ("num_warps", "num_stages")) and isinstance(x, (bool, int, float, str))
+        if (k.isupper() or k in ("num_warps", "num_stages"))
+        and isinstance(x, (bool, int, float, str))
     ))
     return (kernel, dtype, settings)
 
@@ -252,9 +266,8 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(
-            f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}"
-        )
+        dtypes = ", ".join(str(x.dtype) for x in tensors)
+        raise ValueError(f"{names} must share one dtype, got {dtypes}")
 
 
 def _forward_block_e(config, rows, E, device):
@@ -278,14 +291,12 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(
-        num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device,
-    )
-    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    device = cu_seqlens.device
+    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=device)
+    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
         cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
-        num_seqs=num_seqs,
-        per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
+        num_seqs=num_seqs, per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
@@ -293,7 +304,8 @@ def _cut_segments(cu_seqlens, longest, segment_len):
 @triton.jit
 def _segment_bounds_kernel(
     cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-    BLOCK: tl.constexpr):
+    BLOCK: tl.constexpr,
+):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -324,9 +336,8 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(
-        _kernel_dtype(x.dtype, x.device)
-    ).contiguous()
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat.to(_kernel_dtype(x.dtype, x.device)).contiguous()
 
 
 def _allgather(tensor, group):
@@ -473,14 +484,259 @@ def _gla_log_decay(x):
 
 
 @triton.jit
+def _gla_program(cu_seqlens, H: tl.constexpr, HKV: tl.constexpr):
+    """This program's value block i_e, sequence i_n, query head i_h and the key/value head
+    i_hk serving it, the sequence's first token bos and its length (the grid is value
+    blocks x sequences * heads)."""
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return i_e, i_n, i_h, i_h // (H // HKV), bos, seq_len
+
+
+@triton.jit
+def _gla_at(ptr, bos, rows, head, cols, HEADS: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to the [rows, cols] tile of one head of a [tokens, HEADS, WIDTH] array."""
+    return ptr + ((bos + rows[:, None]) * HEADS + head) * WIDTH + cols[None, :]
+
+
+@triton.jit
+def _gla_chunk_queries(
+    q_ptr, bos, rows, i_h, offs_d, mask_td, H: tl.constexpr, D: tl.constexpr,
+):
+    """The raw queries of some rows (fp32) and their features φq, zero outside mask_td."""
+    x_q = tl.load(_gla_at(q_ptr, bos, rows, i_h, offs_d, H, D), mask=mask_td, other=0.0)
+    x_q = x_q.to(tl.float32)
+    return x_q, _gla_q_map(x_q, mask_td)
+
+
+@triton.jit
+def _gla_chunk_keys(
+    k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV: tl.constexpr, D: tl.constexpr,
+):
+    """The raw keys of some rows (fp32) and their features φk, zero outside mask_td."""
+    x_k = tl.load(_gla_at(k_ptr, bos, rows, i_hk, offs_d, HKV, D), mask=mask_td, other=0.0)
+    x_k = x_k.to(tl.float32)
+    return x_k, _gla_k_map(x_k, mask_td)
+
+
+@triton.jit
+def _gla_carry_state(
+    state, k, v, b, b_last, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state carried to the end of the chunk: S exp(b_last) + (φk ⊙ exp(b_last - b))ᵀ v."""
+    k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
+    decayed = state * tl.exp(b_last[:, None])
+    return decayed + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_carry_dstate(
+    dstate, q, do, b, b_last, scale, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dS at the start of the chunk (the end of the previous one), from dL/dS at its end."""
+    q_from_start = (q * tl.exp(b)).to(dot_dtype)
+    decayed = dstate * tl.exp(b_last[:, None])
+    return decayed + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_row_of(tile, offs, r):
+    """Row r of tile (its rows numbered by offs) as a [1, columns] tile."""
+    return tl.sum(tl.where(offs[:, None] == r, tile, 0.0), axis=0)[None, :]
+
+
+@triton.jit
+def _gla_one_row(
+    ptr, bos, row, head, cols, mask_cols, seq_len, HEADS: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """Row `row` of one head of a [tokens, HEADS, WIDTH] array as a [1, cols] tile, fp32,
+    zero past the sequence's end, and its mask."""
+    # From tiles, not a scalar comparison: Triton 3.9's interpreter refuses a mask of a
+    # tile and a scalar.
+    mask = mask_cols[None, :] & (cols[None, :] * 0 + row < seq_len)
+    x = tl.load(ptr + ((bos + row) * HEADS + head) * WIDTH + cols[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32), mask
+
+
+@triton.jit
+def _gla_sub_block(
+    decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk, HKV: tl.constexpr,
+    D: tl.constexpr, SUB: tl.constexpr,
+):
+    """Sub-block i of the chunk (rows start + i * SUB ...): its rows, their masks [SUB] and
+    [SUB, BLOCK_D], b_before, the chunk-relative cumulative log decay b at the row before
+    it [1, BLOCK_D] (0 for the first), and its rows' own, b_i [SUB, BLOCK_D], summed on from
+    b_before over their log decays."""
+    rows_i = start + i * SUB + offs_sub
+    mask_i = rows_i < seq_len
+    mask_id = mask_i[:, None] & mask_d[None, :]
+    b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
+    x_gi = tl.load(_gla_at(decay_ptr, bos, rows_i, i_hk, offs_d, HKV, D), mask=mask_id,
+                   other=0.0)
+    g_i = tl.where(mask_id, _gla_log_decay(x_gi.to(tl.float32)), 0.0)
+    # b_before made a row only now: earlier, the kernels spill more (ptxas, sm_90a).
+    b_before = b_before[None, :]
+    return rows_i, mask_i, mask_id, b_before, b_before + tl.cumsum(g_i, axis=0)
+
+
+@triton.jit
+def _gla_fast_chunk_output(
+    q, k_to_start, v, state, b, offs_t, split_dtype: tl.constexpr, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fast path: the chunk's outputs before the scale, as one block, each pair's decay
+    split at the chunk start. k_to_start = φk ⊙ exp(-b), in split_dtype."""
+    q_from_start = (q * tl.exp(b)).to(split_dtype)
+    # What the state carried in from earlier chunks contributes, then the chunk itself.
+    o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
+    scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
+    scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
+    return o + tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _gla_exact_output_within(
+    o_i, q_i, b_i, k_ptr, v_ptr, bos, first_row, seq_len, i_hk, offs_sub, offs_d, mask_d, offs_e,
+    mask_e, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: o_i plus the pairs within the sub-block whose first row is first_row, one
+    key row at a time, with NaN and inf entries of keys and values zeroed."""
+    for s in range(0, SUB):
+        row_s = first_row + s
+        x_ks, mask_s = _gla_one_row(k_ptr, bos, row_s, i_hk, offs_d, mask_d, seq_len, HKV, D)
+        k_s = _finite_or_zero(_gla_k_map(x_ks, mask_s))
+        v_s, _ = _gla_one_row(v_ptr, bos, row_s, i_hk, offs_e, mask_e, seq_len, HKV, E)
+        b_s = _gla_row_of(b_i, offs_sub, s)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+        # where, not a product with the mask's zeros: q·k may overflow.
+        pair = tl.where(offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0)
+        o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+    return o_i
+
+
+@triton.jit
+def _gla_fast_chunk_dq(
+    do, k_to_start, v, state, b, offs_t, scale, split_dtype: tl.constexpr, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fast path: d(loss)/d(φq) of the chunk as one block, decays split at the chunk start."""
+    dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
+    dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
+    dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+    return dq * (tl.exp(b) * scale)
+
+
+@triton.jit
+def _gla_exact_dq_before(
+    do_i, b_i, b_before, b, k, v, offs_t, first_row, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Exact path: d(loss)/d(φq) of a sub-block through the chunk's rows before it (those
+    < first_row), each pair's decay split at the row before the sub-block."""
+    k_before = k * tl.exp(tl.where(offs_t[:, None] < first_row, b_before - b, float("-inf")))
+    dscores = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
+    dq_i = tl.dot(dscores.to(dot_dtype), k_before.to(dot_dtype), input_precision=PRECISION)
+    return dq_i * tl.exp(b_i - b_before)
+
+
+@triton.jit
+def _gla_exact_dq_within(
+    dq_i, do_i, b_i, k_ptr, v_ptr, bos, first_row, seq_len, i_hk, offs_sub, offs_d, mask_d, offs_e,
+    mask_e, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: dq_i plus the share of the pairs within the sub-block whose first row is
+    first_row, one key row at a time."""
+    for s in range(0, SUB):
+        row_s = first_row + s
+        x_ks, mask_s = _gla_one_row(k_ptr, bos, row_s, i_hk, offs_d, mask_d, seq_len, HKV, D)
+        k_s = _gla_k_map(x_ks, mask_s)
+        v_s, _ = _gla_one_row(v_ptr, bos, row_s, i_hk, offs_e, mask_e, seq_len, HKV, E)
+        b_s = _gla_row_of(b_i, offs_sub, s)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
+        dscores = tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None]
+        dq_i += tl.where(offs_sub[:, None] >= s, dscores * k_s * decay_ts, 0.0)
+    return dq_i
+
+
+@triton.jit
+def _gla_fast_chunk_dkv(
+    q, k, v, do, dstate, b, b_last, offs_t, scale, split_dtype: tl.constexpr,
+    dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fast path: d(loss)/d(φk) and d(loss)/dv of the chunk as one block, decays split at
+    the chunk start (dstate: dL/dS at the chunk's end)."""
+    q_from_start = (q * tl.exp(b)).to(split_dtype)
+    from_start = tl.exp(-b)
+    k_to_start = (k * from_start).to(split_dtype)
+    anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
+    scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
+    scores_t = tl.where(anticausal, scores_t, 0.0)
+    dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dscores_t = tl.where(anticausal, dscores_t, 0.0)
+    # Later chunks see these keys and values through the state, decayed from each row
+    # to the chunk end: exp(b_last - b) = exp(-b) exp(b_last), the second factor taken
+    # into dL/dS (dstate_end) rather than a tile of exps.
+    dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
+    dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
+    dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
+    dk = tl.dot(dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION) * scale
+    dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
+    return dk * from_start, dv
+
+
+@triton.jit
+def _gla_exact_dkv_after(
+    q, do, k_j, v_j, b, b_j, offs_t, end_row, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Exact path: d(loss)/d(φk) and d(loss)/dv of a sub-block through the chunk's rows
+    after it (those >= end_row, the first after it), each pair's decay split at the
+    sub-block's last row."""
+    b_end = _gla_row_of(b, offs_t, end_row - 1)
+    q_after = q * tl.exp(tl.where(offs_t[:, None] >= end_row, b - b_end, float("-inf")))
+    to_end = tl.exp(b_end - b_j)
+    k_to_end = k_j * to_end
+    q_after = q_after.to(dot_dtype)
+    scores = tl.dot(k_to_end.to(dot_dtype), tl.trans(q_after), input_precision=PRECISION)
+    dv_j = tl.dot(scores.to(dot_dtype), do, input_precision=PRECISION)
+    dscores = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
+    dk_j = tl.dot(dscores.to(dot_dtype), q_after, input_precision=PRECISION)
+    return dk_j * to_end, dv_j
+
+
+@triton.jit
+def _gla_exact_dkv_within(
+    dk_j, dv_j, k_j, v_j, b_j, q_ptr, do_ptr, bos, first_row, seq_len, i_h, offs_sub, offs_d,
+    mask_d, offs_e, mask_e, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SUB: tl.constexpr,
+):
+    """Exact path: dk_j and dv_j plus the share of the pairs within the sub-block whose
+    first row is first_row, one query row at a time."""
+    for t in range(0, SUB):
+        row_t = first_row + t
+        x_qt, mask_q = _gla_one_row(q_ptr, bos, row_t, i_h, offs_d, mask_d, seq_len, H, D)
+        q_t = _gla_q_map(x_qt, mask_q)
+        do_t, _ = _gla_one_row(do_ptr, bos, row_t, i_h, offs_e, mask_e, seq_len, H, E)
+        b_t = _gla_row_of(b_j, offs_sub, t)
+        decay_ts = tl.exp(tl.where(offs_sub[:, None] <= t, b_t - b_j, float("-inf")))
+        scores = tl.sum(tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1)
+        dv_j += scores[:, None] * do_t
+        dscores = tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None]
+        dk_j += tl.where(offs_sub[:, None] <= t, dscores * q_t * decay_ts, 0.0)
+    return dk_j, dv_j
+
+
+@triton.jit
 def _gla_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, exact_path_ptr, cu_seqlens,
-    scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr,
+    final_state_ptr, segment_states_ptr, segment_starts, segment_len, nonfinite_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
     STORE_SEGMENT_STATES: tl.constexpr,
 ):
@@ -493,17 +749,11 @@ def _gla_fwd_kernel(
     that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
     nonfinite_ptr, a program whose state came out NaN or inf (see
     _gla_fwd_again_kernel)."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -516,33 +766,28 @@ def _gla_fwd_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros(  # summed over the chunks, for the segment scan
-        [BLOCK_D], dtype=tl.float32,
-    )
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the scan
     for start in range(0, seq_len, BLOCK_T):
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(
-                    segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state,
-                    mask=state_mask,
-                )
+                # The pointer's rows first, then its columns: one [D, E] tile of int64
+                # offsets would cost registers the chunk's work needs.
+                segment_rows = segment_states_ptr + (at * D + offs_d[:, None]) * E
+                tl.store(segment_rows + offs_e[None, :], state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -551,18 +796,14 @@ def _gla_fwd_kernel(
         if FAST_PATH:
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
             if STORE_OUTPUT:
-                x_q = tl.load(
-                    q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-                    other=0.0,
-                ).to(tl.float32)
-                q = _gla_q_map(x_q, mask_td)
+                _, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
                 q_from_start = (q * tl.exp(b)).to(split_dtype)
-                # What the state carried in from earlier chunks contributes, then the chunk itself.
+                # What the state carried in from earlier chunks contributes, then the chunk.
                 o = tl.dot(q_from_start, state.to(split_dtype), input_precision=PRECISION)
                 scores = tl.dot(q_from_start, tl.trans(k_to_start), input_precision=PRECISION)
                 scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
                 o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-                tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                tl.store(_gla_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                          (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
             # Keys taken back to the chunk start, then the whole state to its end: the
             # same as k ⊙ exp(b_last - b), without another exp of the tile.
@@ -570,92 +811,53 @@ def _gla_fwd_kernel(
             state *= tl.exp(b_last[:, None])
         else:  # the exact path
             if STORE_OUTPUT:
-                # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+                # NaN and inf entries zeroed in the products, their rows marked afterwards (see
+                # _all_finite).
                 first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
                 k_finite = _finite_or_zero(k)
                 v_finite = _finite_or_zero(v).to(dot_dtype)
                 for i in tl.static_range(BLOCK_T // SUB):
-                    rows_i = start + i * SUB + offs_sub
-                    mask_i = rows_i < seq_len
-                    mask_id = mask_i[:, None] & mask_d[None, :]
-                    b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(
-                        decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                        mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_qi = tl.load(
-                        q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                        mask=mask_id, other=0.0,
-                    )
-                    q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
+                    rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                        decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                        i_hk, HKV, D, SUB)
+                    _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
                     # What the state carried in from earlier chunks contributes.
-                    o_i = tl.dot(
-                        (q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype),
-                        input_precision=PRECISION,
-                    )
-                    if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                        k_before = k_finite * tl.exp(
-                            tl.where(
-                                offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"),
-                            )
-                        )
-                        scores_before = tl.dot(
-                            (q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
-                            tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                        o_i += tl.dot(
-                            scores_before.to(dot_dtype), v_finite, input_precision=PRECISION,
-                        )
-                    for s in range(0, SUB):  # the sub-block itself, one key row at a time
-                        row_s = start + i * SUB + s
-                        mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                        x_ks = tl.load(
-                            k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
-                            other=0.0,
-                        )
-                        k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
-                        v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                      mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
-                                      other=0.0).to(tl.float32)
-                        b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(
-                            tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf"))
-                        )
-                        pair = tl.where(  # where: q·k may overflow
-                            offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0,
-                        )
-                        o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+                    q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
+                    o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+                    # The earlier sub-blocks of this chunk, split at the row before sub-block i.
+                    if i > 0:
+                        k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
+                                                              b_before - b, float("-inf")))
+                        q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
+                        scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)),
+                                        input_precision=PRECISION)
+                        o_i += tl.dot(scores.to(dot_dtype), v_finite, input_precision=PRECISION)
+                    o_i = _gla_exact_output_within(
+                        o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                        offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
                     o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
-                    tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+                    tl.store(_gla_at(o_ptr, bos, rows_i, i_h, offs_e, H, E),
                              (o_i * scale).to(o_ptr.dtype.element_ty),
                              mask=mask_i[:, None] & mask_e[None, :])
-            # Carry the state to the end of this chunk.
-            k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-            state = state * tl.exp(b_last[:, None]) + tl.dot(
-                tl.trans(k_to_end), v, input_precision=PRECISION,
-            )
+            state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
         decay_total += b_last
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(
-            nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e,
-            tl.where(_all_finite(state), 0, 1),
-        )
+        nonfinite_at = nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e
+        tl.store(nonfinite_at, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
-        tl.store(
-            decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0),
-        )
+        total_at = decay_total_ptr + (i_n * H + i_h) * D
+        tl.store(total_at + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
 def _gla_fwd_again_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, exact_path_ptr,
-    cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
 ):
     """Launched after each _gla_fwd_kernel that stores outputs, on the same grid: a
@@ -666,17 +868,11 @@ def _gla_fwd_again_kernel(
     The others, all of them unless some input is NaN or inf, return at once."""
     if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
         return
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -686,6 +882,7 @@ def _gla_fwd_again_kernel(
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -694,99 +891,62 @@ def _gla_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
-        # NaN and inf entries zeroed in the products, their rows marked afterwards (see _all_finite).
+        # NaN and inf entries zeroed in the products, their rows marked afterwards (see
+        # _all_finite).
         first_bad = _first_nonfinite_row(k, v, offs_t, BLOCK_T)
         k_finite = _finite_or_zero(k)
         v_finite = _finite_or_zero(v).to(dot_dtype)
         for i in tl.static_range(BLOCK_T // SUB):
-            rows_i = start + i * SUB + offs_sub
-            mask_i = rows_i < seq_len
-            mask_id = mask_i[:, None] & mask_d[None, :]
-            b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-            x_gi = tl.load(decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                           mask=mask_id, other=0.0).to(tl.float32)
-            g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-            b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-            x_qi = tl.load(
-                q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_id,
-                other=0.0,
-            )
-            q_i = _gla_q_map(x_qi.to(tl.float32), mask_id)
+            rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                i_hk, HKV, D, SUB)
+            _, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
             # What the state carried in from earlier chunks contributes.
-            o_i = tl.dot(
-                (q_i * tl.exp(b_i)).to(dot_dtype), state.to(dot_dtype), input_precision=PRECISION,
-            )
-            if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
-                k_before = k_finite * tl.exp(
-                    tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"))
-                )
-                scores_before = tl.dot((q_i * tl.exp(b_i - b_before[None, :])).to(dot_dtype),
-                                tl.trans(k_before.to(dot_dtype)), input_precision=PRECISION)
-                o_i += tl.dot(scores_before.to(dot_dtype), v_finite, input_precision=PRECISION)
-            for s in range(0, SUB):  # the sub-block itself, one key row at a time
-                row_s = start + i * SUB + s
-                mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                x_ks = tl.load(
-                    k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
-                    other=0.0,
-                )
-                k_s = _finite_or_zero(_gla_k_map(x_ks.to(tl.float32), mask_s))
-                v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                              mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
-                              other=0.0).to(tl.float32)
-                b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                pair = tl.where(  # where: q·k may overflow
-                    offs_sub[:, None] >= s, q_i * k_s * decay_ts, 0.0,
-                )
-                o_i += tl.sum(pair, axis=1)[:, None] * _finite_or_zero(v_s)
+            q_from_start = (q_i * tl.exp(b_i)).to(dot_dtype)
+            o_i = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+            # The earlier sub-blocks of this chunk, split at the row before sub-block i.
+            if i > 0:
+                k_before = k_finite * tl.exp(tl.where(offs_t[:, None] < i * SUB,
+                                                      b_before - b, float("-inf")))
+                q_after = (q_i * tl.exp(b_i - b_before)).to(dot_dtype)
+                scores = tl.dot(q_after, tl.trans(k_before.to(dot_dtype)),
+                                input_precision=PRECISION)
+                o_i += tl.dot(scores.to(dot_dtype), v_finite, input_precision=PRECISION)
+            o_i = _gla_exact_output_within(
+                o_i, q_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
             o_i = _mark_from(o_i, i * SUB + offs_sub, first_bad)
-            tl.store(o_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
+            tl.store(_gla_at(o_ptr, bos, rows_i, i_h, offs_e, H, E),
                      (o_i * scale).to(o_ptr.dtype.element_ty),
                      mask=mask_i[:, None] & mask_e[None, :])
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(
-            tl.trans(k_to_end), v, input_precision=PRECISION,
-        )
+        state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _gla_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, exact_path_ptr,
-    cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr,
+    exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -799,6 +959,7 @@ def _gla_bwd_dq_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -807,114 +968,61 @@ def _gla_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
         b = tl.cumsum(g, axis=0)
         b_last = tl.sum(g, axis=0)
         if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-            x_q = tl.load(
-                q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-                other=0.0,
-            ).to(tl.float32)
-            q = _gla_q_map(x_q, mask_td)
-            do = tl.load(
-                do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
-                other=0.0,
-            )
+            x_q, q = _gla_chunk_queries(q_ptr, bos, rows, i_h, offs_d, mask_td, H, D)
+            do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
             k_to_start = (k * tl.exp(-b)).to(split_dtype)
-            dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dscores = tl.where(offs_t[:, None] >= offs_t[None, :], dscores, 0.0)
-            dq = tl.dot(dscores.to(split_dtype), k_to_start, input_precision=PRECISION)
-            dq += tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
-            dq *= tl.exp(b) * scale
+            dq = _gla_fast_chunk_dq(
+                do, k_to_start, v, state, b, offs_t, scale, split_dtype, dot_dtype, PRECISION)
             if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                tl.store(
-                    db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], q * dq,
-                    mask=mask_td,
-                )
+                tl.store(_gla_at(db_ptr, bos, rows, i_h, offs_d, H, D), q * dq, mask=mask_td)
             dx_q = _gla_q_map_backward(x_q, q, dq, mask_td)
-            tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+            tl.store(_gla_at(dq_ptr, bos, rows, i_h, offs_d, H, D),
                      dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
         else:  # the exact path
             for i in tl.static_range(BLOCK_T // SUB):
-                rows_i = start + i * SUB + offs_sub
-                mask_i = rows_i < seq_len
-                mask_id = mask_i[:, None] & mask_d[None, :]
-                b_before = tl.sum(tl.where(offs_t[:, None] == i * SUB - 1, b, 0.0), axis=0)
-                x_gi = tl.load(
-                    decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                    mask=mask_id, other=0.0).to(tl.float32)
-                g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                x_qi = tl.load(q_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                               mask=mask_id, other=0.0).to(tl.float32)
-                q_i = _gla_q_map(x_qi, mask_id)
-                do_i = tl.load(do_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                               mask=mask_i[:, None] & mask_e[None, :], other=0.0)
-                dq_i = tl.dot(
-                    do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION,
-                ) * tl.exp(b_i)
-                if i > 0:
-                    k_before = k * tl.exp(
-                        tl.where(offs_t[:, None] < i * SUB, b_before[None, :] - b, float("-inf"))
-                    )
-                    dscores_before = tl.dot(do_i, tl.trans(v), input_precision=PRECISION)
-                    dq_i += tl.dot(
-                        dscores_before.to(dot_dtype), k_before.to(dot_dtype),
-                        input_precision=PRECISION,
-                    ) * tl.exp(b_i - b_before[None, :])
-                for s in range(0, SUB):
-                    row_s = start + i * SUB + s
-                    mask_s = mask_d[None, :] & (offs_d[None, :] * 0 + row_s < seq_len)
-                    x_ks = tl.load(
-                        k_ptr + ((bos + row_s) * HKV + i_hk) * D + offs_d[None, :], mask=mask_s,
-                        other=0.0,
-                    )
-                    k_s = _gla_k_map(x_ks.to(tl.float32), mask_s)
-                    v_s = tl.load(v_ptr + ((bos + row_s) * HKV + i_hk) * E + offs_e[None, :],
-                                  mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_s < seq_len),
-                                  other=0.0).to(tl.float32)
-                    b_s = tl.sum(tl.where(offs_sub[:, None] == s, b_i, 0.0), axis=0)[None, :]
-                    decay_ts = tl.exp(tl.where(offs_sub[:, None] >= s, b_i - b_s, float("-inf")))
-                    dq_i += tl.where(
-                        offs_sub[:, None] >= s,
-                        tl.sum(do_i.to(tl.float32) * v_s, axis=1)[:, None] * k_s * decay_ts, 0.0,
-                    )
+                rows_i, mask_i, mask_id, b_before, b_i = _gla_sub_block(
+                    decay_ptr, b, bos, start, i, seq_len, offs_t, offs_sub, offs_d, mask_d, i_hk,
+                    HKV, D, SUB)
+                x_qi, q_i = _gla_chunk_queries(q_ptr, bos, rows_i, i_h, offs_d, mask_id, H, D)
+                mask_ie = mask_i[:, None] & mask_e[None, :]
+                do_i = tl.load(_gla_at(do_ptr, bos, rows_i, i_h, offs_e, H, E), mask=mask_ie,
+                               other=0.0)
+                dq_i = tl.dot(do_i, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+                dq_i = dq_i * tl.exp(b_i)
+                if i > 0:  # earlier sub-blocks of this chunk, split at the row before sub-block i
+                    dq_i += _gla_exact_dq_before(
+                        do_i, b_i, b_before, b, k, v, offs_t, i * SUB, dot_dtype, PRECISION)
+                dq_i = _gla_exact_dq_within(
+                    dq_i, do_i, b_i, k_ptr, v_ptr, bos, start + i * SUB, seq_len, i_hk, offs_sub,
+                    offs_d, mask_d, offs_e, mask_e, HKV, D, E, SUB)
                 dq_i *= scale
                 if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
-                    tl.store(
-                        db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                        q_i * dq_i, mask=mask_id,
-                    )
+                    tl.store(_gla_at(db_ptr, bos, rows_i, i_h, offs_d, H, D), q_i * dq_i,
+                             mask=mask_id)
                 dx_qi = _gla_q_map_backward(x_qi, q_i, dq_i, mask_id)
-                tl.store(dq_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
+                tl.store(_gla_at(dq_ptr, bos, rows_i, i_h, offs_d, H, D),
                          dx_qi.to(dq_ptr.dtype.element_ty), mask=mask_id)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b)).to(dot_dtype)
-        state = state * tl.exp(b_last[:, None]) + tl.dot(
-            tl.trans(k_to_end), v, input_precision=PRECISION,
-        )
+        state = _gla_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _gla_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
-    dfinal_state_ptr, dinitial_state_ptr,
-    exact_path_ptr, cu_seqlens, scale,
+    dfinal_state_ptr, dinitial_state_ptr, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr,
-    SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
     STATE_ONLY: tl.constexpr,
 ):
@@ -923,17 +1031,11 @@ def _gla_bwd_dkv_kernel(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
-    if exact_path_ptr is not None:  # launched on both paths: the one the decays do not allow returns
-        take_fast_path = tl.load(exact_path_ptr) == 0
-        if take_fast_path != FAST_PATH:
+    # Launched on both paths: the one the decays do not allow returns.
+    if exact_path_ptr is not None:
+        if (tl.load(exact_path_ptr) == 0) != FAST_PATH:
             return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _gla_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_sub = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
@@ -946,12 +1048,11 @@ def _gla_bwd_dkv_kernel(
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
+
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
-    decay_total = tl.zeros(  # summed over the chunks, for the segment scan
-        [BLOCK_D], dtype=tl.float32,
-    )
+    decay_total = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the chunks, for the scan
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         start = (num_chunks - 1 - i) * BLOCK_T
@@ -959,15 +1060,10 @@ def _gla_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(
-            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         q = _gla_q_map(x_q, mask_td)
-        do = tl.load(
-            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -976,146 +1072,68 @@ def _gla_bwd_dkv_kernel(
         decay_total += b_last
         if not STATE_ONLY:
             if FAST_PATH:  # the chunk as one block, decays split at the chunk start
-                x_k = tl.load(
-                    k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                    mask=mask_td, other=0.0,
-                ).to(tl.float32)
-                k = _gla_k_map(x_k, mask_td)
-                v = tl.load(
-                    v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0,
-                )
-                q_from_start = (q * tl.exp(b)).to(split_dtype)
-                from_start = tl.exp(-b)
-                k_to_start = (k * from_start).to(split_dtype)
-                anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
-                scores_t = tl.dot(k_to_start, tl.trans(q_from_start), input_precision=PRECISION)
-                scores_t = tl.where(anticausal, scores_t, 0.0)
-                dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                dscores_t = tl.where(anticausal, dscores_t, 0.0)
-                # Later chunks see these keys and values through the state, decayed from
-                # each row to the chunk end: exp(b_last - b) = exp(-b) exp(b_last), the
-                # second factor taken into dL/dS (dstate_end) rather than a tile of exps.
-                dstate_end = (dstate * tl.exp(b_last[:, None])).to(split_dtype)
-                dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION) * scale
-                dv += tl.dot(k_to_start, dstate_end, input_precision=PRECISION)
-                dk = tl.dot(
-                    dscores_t.to(split_dtype), q_from_start, input_precision=PRECISION,
-                ) * scale
-                dk += tl.dot(v.to(split_dtype), tl.trans(dstate_end), input_precision=PRECISION)
-                dk *= from_start
+                x_k, k = _gla_chunk_keys(k_ptr, bos, rows, i_hk, offs_d, mask_td, HKV, D)
+                v = tl.load(_gla_at(v_ptr, bos, rows, i_hk, offs_e, HKV, E), mask=mask_te,
+                            other=0.0)
+                dk, dv = _gla_fast_chunk_dkv(
+                    q, k, v, do, dstate, b, b_last, offs_t, scale, split_dtype, dot_dtype,
+                    PRECISION)
                 if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                    tl.store(
-                        db_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], k * dk,
-                        mask=mask_td,
-                    )
+                    tl.store(_gla_at(db_ptr, bos, rows, i_h, offs_d, H, D), k * dk,
+                             mask=mask_td)
                 dx_k = _gla_k_map_backward(x_k, k, dk, mask_td)
-                tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                tl.store(_gla_at(dk_ptr, bos, rows, i_h, offs_d, H, D),
                          dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
-                tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+                tl.store(_gla_at(dv_ptr, bos, rows, i_h, offs_e, H, E),
                          dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
             else:  # the exact path
                 for j in tl.static_range(BLOCK_T // SUB):
-                    rows_i = start + j * SUB + offs_sub
-                    mask_i = rows_i < seq_len
-                    mask_id = mask_i[:, None] & mask_d[None, :]
-                    b_before = tl.sum(tl.where(offs_t[:, None] == j * SUB - 1, b, 0.0), axis=0)
-                    x_gi = tl.load(
-                        decay_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                        mask=mask_id, other=0.0).to(tl.float32)
-                    g_i = tl.where(mask_id, _gla_log_decay(x_gi), 0.0)
-                    b_i = b_before[None, :] + tl.cumsum(g_i, axis=0)
-                    x_kj = tl.load(
-                        k_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * D + offs_d[None, :],
-                        mask=mask_id, other=0.0).to(tl.float32)
-                    k_j = _gla_k_map(x_kj, mask_id)
-                    v_j = tl.load(
-                        v_ptr + ((bos + rows_i[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                        mask=mask_i[:, None] & mask_e[None, :], other=0.0)
+                    rows_j, mask_j, mask_jd, _, b_j = _gla_sub_block(
+                        decay_ptr, b, bos, start, j, seq_len, offs_t, offs_sub, offs_d, mask_d,
+                        i_hk, HKV, D, SUB)
+                    x_kj, k_j = _gla_chunk_keys(k_ptr, bos, rows_j, i_hk, offs_d, mask_jd, HKV, D)
+                    mask_je = mask_j[:, None] & mask_e[None, :]
+                    v_j = tl.load(_gla_at(v_ptr, bos, rows_j, i_hk, offs_e, HKV, E), mask=mask_je,
+                                  other=0.0)
                     dk_j = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
                     dv_j = tl.zeros([SUB, BLOCK_E], dtype=tl.float32)
-                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at the last row of sub-block j
-                        b_end = tl.sum(
-                            tl.where(offs_t[:, None] == (j + 1) * SUB - 1, b, 0.0), axis=0,
-                        )
-                        q_after = q * tl.exp(
-                            tl.where(
-                                offs_t[:, None] >= (j + 1) * SUB, b - b_end[None, :], float("-inf"),
-                            )
-                        )
-                        k_to_end = k_j * tl.exp(b_end[None, :] - b_i)
-                        scores_after = tl.dot(
-                            k_to_end.to(dot_dtype), tl.trans(q_after.to(dot_dtype)),
-                            input_precision=PRECISION,
-                        )
-                        dv_j += tl.dot(scores_after.to(dot_dtype), do, input_precision=PRECISION)
-                        dscores_after = tl.dot(v_j, tl.trans(do), input_precision=PRECISION)
-                        dk_j += tl.dot(
-                            dscores_after.to(dot_dtype), q_after.to(dot_dtype),
-                            input_precision=PRECISION,
-                        ) * tl.exp(b_end[None, :] - b_i)
-                    for t in range(0, SUB):  # the sub-block itself, one query row at a time
-                        row_t = start + j * SUB + t
-                        mask_q = mask_d[None, :] & (offs_d[None, :] * 0 + row_t < seq_len)
-                        x_qt = tl.load(
-                            q_ptr + ((bos + row_t) * H + i_h) * D + offs_d[None, :], mask=mask_q,
-                            other=0.0,
-                        )
-                        q_t = _gla_q_map(x_qt.to(tl.float32), mask_q)
-                        do_t = tl.load(do_ptr + ((bos + row_t) * H + i_h) * E + offs_e[None, :],
-                                       mask=mask_e[None, :] & (offs_e[None, :] * 0 + row_t < seq_len),
-                                       other=0.0).to(tl.float32)
-                        b_t = tl.sum(tl.where(offs_sub[:, None] == t, b_i, 0.0), axis=0)[None, :]
-                        decay_ts = tl.exp(
-                            tl.where(offs_sub[:, None] <= t, b_t - b_i, float("-inf"))
-                        )
-                        dv_j += tl.sum(
-                            tl.where(offs_sub[:, None] <= t, k_j * q_t * decay_ts, 0.0), axis=1,
-                        )[:, None] * do_t
-                        dk_j += tl.where(
-                            offs_sub[:, None] <= t,
-                            tl.sum(v_j.to(tl.float32) * do_t, axis=1)[:, None] * q_t * decay_ts,
-                            0.0,
-                        )
+                    if j < BLOCK_T // SUB - 1:  # later sub-blocks, split at sub-block j's last row
+                        dk_after, dv_after = _gla_exact_dkv_after(
+                            q, do, k_j, v_j, b, b_j, offs_t, (j + 1) * SUB, dot_dtype, PRECISION)
+                        dv_j += dv_after
+                        dk_j += dk_after
+                    dk_j, dv_j = _gla_exact_dkv_within(
+                        dk_j, dv_j, k_j, v_j, b_j, q_ptr, do_ptr, bos, start + j * SUB, seq_len,
+                        i_h, offs_sub, offs_d, mask_d, offs_e, mask_e, H, D, E, SUB)
                     # Later chunks see these keys and values through the state.
-                    to_end_j = tl.exp(b_last[None, :] - b_i)
-                    dk_j = dk_j * scale + tl.dot(
-                        v_j, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION,
-                    ) * to_end_j
-                    dv_j = dv_j * scale + tl.dot(
-                        (k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype),
-                        input_precision=PRECISION,
-                    )
+                    to_end_j = tl.exp(b_last[None, :] - b_j)
+                    dk_j = dk_j * scale
+                    dk_j += tl.dot(v_j, tl.trans(dstate.to(dot_dtype)),
+                                   input_precision=PRECISION) * to_end_j
+                    dv_j = dv_j * scale
+                    dv_j += tl.dot((k_j * to_end_j).to(dot_dtype), dstate.to(dot_dtype),
+                                   input_precision=PRECISION)
                     if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                        tl.store(
-                            db_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                            k_j * dk_j, mask=mask_id,
-                        )
-                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_id)
-                    tl.store(dk_ptr + ((bos + rows_i[:, None]) * H + i_h) * D + offs_d[None, :],
-                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_id)
-                    tl.store(dv_ptr + ((bos + rows_i[:, None]) * H + i_h) * E + offs_e[None, :],
-                             dv_j.to(dv_ptr.dtype.element_ty),
-                             mask=mask_i[:, None] & mask_e[None, :])
-        # dL/dS at the end of the previous chunk.
-        q_from_start = (q * tl.exp(b)).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last[:, None]) + scale * tl.dot(
-            tl.trans(q_from_start), do, input_precision=PRECISION,
-        )
+                        tl.store(_gla_at(db_ptr, bos, rows_j, i_h, offs_d, H, D), k_j * dk_j,
+                                 mask=mask_jd)
+                    dx_kj = _gla_k_map_backward(x_kj, k_j, dk_j, mask_jd)
+                    tl.store(_gla_at(dk_ptr, bos, rows_j, i_h, offs_d, H, D),
+                             dx_kj.to(dk_ptr.dtype.element_ty), mask=mask_jd)
+                    tl.store(_gla_at(dv_ptr, bos, rows_j, i_h, offs_e, H, E),
+                             dv_j.to(dv_ptr.dtype.element_ty), mask=mask_je)
+        dstate = _gla_carry_dstate(dstate, q, do, b, b_last, scale, dot_dtype, PRECISION)
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
     if STATE_ONLY:  # total log decay of the segment, for the reverse segment scan
-        tl.store(
-            decay_total_ptr + (i_n * H + i_h) * D + offs_d, decay_total, mask=mask_d & (i_e == 0),
-        )
+        total_at = decay_total_ptr + (i_n * H + i_h) * D
+        tl.store(total_at + offs_d, decay_total, mask=mask_d & (i_e == 0))
 
 
 @triton.jit
 def _gla_decay_grad_kernel(
     db_q_ptr, db_k_ptr, x_ptr, dx_ptr, final_term_ptr, cu_seqlens,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_FINAL_TERM: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_FINAL_TERM: tl.constexpr,
 ):
     """dL/dg_t = sum over u >= t of db_u, db = q ⊙ dq - k ⊙ dk summed over the query heads
     that share this key/value head (+ the final state's share), then through the gate
@@ -1131,9 +1149,8 @@ def _gla_decay_grad_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_FINAL_TERM:
         for j in tl.static_range(GROUP):
-            acc += tl.load(
-                final_term_ptr + (i_n * H + i_hk * GROUP + j) * D + offs_d, mask=mask_d, other=0.0,
-            )
+            at = (i_n * H + i_hk * GROUP + j) * D + offs_d
+            acc += tl.load(final_term_ptr + at, mask=mask_d, other=0.0)
     num_chunks = tl.cdiv(seq_len, BLOCK_T)
     for i in range(0, num_chunks):
         rows = (num_chunks - 1 - i) * BLOCK_T + offs_t
@@ -1143,9 +1160,8 @@ def _gla_decay_grad_kernel(
         db = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(GROUP):
             offs_head = ((bos + rows[:, None]) * H + i_hk * GROUP + j) * D + offs_d[None, :]
-            db += tl.load(db_q_ptr + offs_head, mask=mask, other=0.0) - tl.load(
-                db_k_ptr + offs_head, mask=mask, other=0.0,
-            )
+            db_q = tl.load(db_q_ptr + offs_head, mask=mask, other=0.0)
+            db += db_q - tl.load(db_k_ptr + offs_head, mask=mask, other=0.0)
         dg = tl.cumsum(db, axis=0, reverse=True) + acc[None, :]
         acc += tl.sum(db, axis=0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -1169,10 +1185,8 @@ def _gla_decay_extent_kernel(
     rows = tl.program_id(0) * CHUNK + tl.arange(0, 2 * CHUNK)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tokens) & (cols[None, :] < COLUMNS)
-    x = tl.load(
-        x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0,
-    ).to(tl.float32)
-    g = tl.where(mask, _gla_log_decay(x), 0.0)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * COLUMNS + cols[None, :], mask=mask, other=0.0)
+    g = tl.where(mask, _gla_log_decay(x.to(tl.float32)), 0.0)
     falls = -tl.sum(tl.where(g < 0, g, 0.0), axis=0)
     rises = tl.sum(tl.where(g > 0, g, 0.0), axis=0)
     widest = tl.max(tl.maximum(falls, rises), axis=0)
@@ -1232,24 +1246,18 @@ def _gla_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
-        tl.float32
-    )
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
-        tl.float32
-    )
-    q = _gla_q_map(x_q, mask_d)
-    k = _gla_k_map(x_k, mask_d)
-    v = tl.load(
-        v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0,
-    ).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    q = _gla_q_map(x_q.to(tl.float32), mask_d)
+    k = _gla_k_map(x_k.to(tl.float32), mask_d)
+    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0)
+    v = v.to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
-    x_g = tl.load(
-        decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0,
-    ).to(tl.float32)
-    state *= tl.exp(_gla_log_decay(x_g))
+    x_g = tl.load(decay_ptr + (i_b * HKV + i_hk) * D + offs_d[:, None], mask=offs_d[:, None] < D,
+                  other=0.0)
+    state *= tl.exp(_gla_log_decay(x_g.to(tl.float32)))
     state += tl.trans(k) * v
     o = tl.sum(tl.trans(q) * state, axis=0) * scale
     tl.store(o_ptr + (i_b * H + i_h) * E + offs_e, o.to(o_ptr.dtype.element_ty), mask=mask_e)
@@ -1291,7 +1299,8 @@ def _gla_check_inputs(q, k, v, gate_input, initial_state, cu_seqlens):
     cu_seqlens, num_seqs, longest = _check_cu_seqlens(cu_seqlens, B, T, q.device)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
-        _check_shape("initial_state", initial_state, (num_seqs, H, D, E), ("N", "H", "D", "E"))
+        _check_shape("initial_state", initial_state, (num_seqs, H, D, E),
+                     ("N", "H", "D", "E"))
     return B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest
 
 
@@ -1317,10 +1326,11 @@ def _gla_config(D, E):
     (Head dims are static facts of a launch: traced with symbolic sizes, they specialize.)"""
     D, E = int(D), int(E)
     config = {
-        "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 128),
-        "narrow_block_e": False,
-        "num_warps": 8, "bwd_num_warps": 8, "num_stages": 2,
-        "bwd_num_stages": 2, "segment": None, "bwd_segment": None,
+        "chunk": 64, "bwd_chunk": 64,
+        "block_e": min(_block(E), 128), "narrow_block_e": False,
+        "num_warps": 8, "bwd_num_warps": 8,
+        "num_stages": 2, "bwd_num_stages": 2,
+        "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("gla", D, E), {}))
     return config
@@ -1330,11 +1340,12 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2],
-        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype),
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D), BLOCK_E=block_e,
+        PRECISION=_precision(q.dtype),
         num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
-        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,  # see _gla_launch_on_both_paths
+        # FAST_PATH: see _gla_launch_on_both_paths
+        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,
     )
 
 
@@ -1359,7 +1370,7 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
     segment_len = _segment_length(
-        config["segment"], longest, programs, config["chunk"], device, forward=True,
+        config["segment"], longest, programs, config["chunk"], device, forward=True
     )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
@@ -1369,8 +1380,8 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
 
 
 def _gla_segment_states(
-    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-    config):
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config,
+):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -1382,17 +1393,20 @@ def _gla_segment_states(
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
     _launch(_gla_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,
-        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None,
-        segment_len=0,
-        nonfinite_ptr=None, exact_path_ptr=None, cu_seqlens=segment_cu, scale=1.0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
+        decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None,
+        segment_starts=None, segment_len=0, nonfinite_ptr=None,
+        exact_path_ptr=None,
+        cu_seqlens=segment_cu, scale=1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
-        STORE_SEGMENT_STATES=False,
-        **_gla_launch_args(q, k, v, config, config["block_e"]),
+        STORE_SEGMENT_STATES=False, **_gla_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-        local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
+        local_ptr=local,
+        decay_total_ptr=decay_total,
+        carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
@@ -1432,12 +1446,16 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
     num_seqs = cu_seqlens.shape[0] - 1
     config = _gla_config(D, E)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_seqs, H, D), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty(
+        (num_seqs, H, D), dtype=torch.float32,
+        device=q.device,
+    )
     _launch(_gla_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
-        db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
-        exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+        decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+        dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=None,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_gla_launch_args(q, k, v, config, _block(E), backward=True),
     )
@@ -1451,16 +1469,20 @@ def _gla_outputs_again_where_nonfinite(
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _gla_fwd_again_kernel); the others return at once."""
     _launch(_gla_fwd_again_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
-        nonfinite_ptr=nonfinite, exact_path_ptr=None, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay,
+        initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite,
+        exact_path_ptr=None,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, **launch,
     )
 
 
 def _gla_outputs(
     q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
-    cu_seqlens,
-    scale, config, exact_path):
+    cu_seqlens, scale, config, exact_path,
+):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -1468,21 +1490,24 @@ def _gla_outputs(
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _gla_launch_on_both_paths(_gla_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay, decay_total_ptr=None,
         initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
         segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
-        exact_path_ptr=exact_path, cu_seqlens=cu_seqlens, scale=scale,
+        exact_path_ptr=exact_path,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
-        STORE_OUTPUT=True,
-        STORE_SEGMENT_STATES=entering is not None, **launch,
+        STORE_OUTPUT=True, STORE_SEGMENT_STATES=entering is not None, **launch,
     )
     _gla_outputs_again_where_nonfinite(
-        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch
     )
 
 
-def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
-                    store_output, needs_grad, exact_path):
+def _gla_forward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+    store_output, needs_grad, exact_path,
+):
     """The forward pass (see _gla_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
     exact_path: see _gla_exact_path_flag.
@@ -1491,39 +1516,44 @@ def _gla_forward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, outp
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
     config, segment_len, saved_len = _gla_plan(
-        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
     )
-    final_state = torch.empty(
-        num_seqs, H, D, E, dtype=torch.float32, device=q.device,
-    ) if output_final_state else None
+    final_state = None
+    if output_final_state:
+        final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     if not store_output:
         _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
         return None, final_state, None
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
-    if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
+    o = torch.empty(N, H, E, dtype=q.dtype,
+                    device=q.device)
+    # Whole sequences without segment_len; perhaps storing the states entering the
+    # backward's segments.
+    if segment_len is None:
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(
-                num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device,
-            )
+            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E,
+                                   dtype=torch.float32, device=q.device)
         _gla_outputs(
             q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
-            cu_seqlens,
-            scale, config, exact_path)
+            cu_seqlens, scale, config, exact_path,
+        )
         return o, final_state, entering
     segment_cu, _, entering = _gla_segment_states(
-        q, k, v, decay, initial_state, cu_seqlens, longest,
-        segment_len, final_state, config)
+        q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config
+    )
     _gla_outputs(
-        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config, exact_path,
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale,
+        config, exact_path,
     )
     return o, final_state, entering
 
 
-def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-                     store_output, do, dfinal_state, needs_decay_grad, exact_path):
+def _gla_backward(
+    q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
+    store_output, do, dfinal_state, needs_decay_grad, exact_path,
+):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
     segments the forward pass cut or stored (see _gla_plan), or None."""
@@ -1554,8 +1584,9 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         # here when the forward pass did not hand segments over.
         segment_len = _gla_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _gla_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                              segment_len, None, config)
+            segments = _gla_segment_states(
+                q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, None, config
+            )
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
         num_segments = num_seqs
@@ -1566,17 +1597,19 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
         _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
-            db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
-            exact_path_ptr=None, cu_seqlens=seq_cu, scale=scale,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+            decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+            dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            exact_path_ptr=None,
+            cu_seqlens=seq_cu, scale=scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
             **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _gla_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state,
-            out_ptr=seq_dfinal,
+            local_ptr=dlocal,
+            decay_total_ptr=decay_total,
+            carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
@@ -1584,14 +1617,20 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         )
     grid = (1, num_segments * H)
     _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,
-        initial_state_ptr=seq_init, exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
-        HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
+        decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init,
+        exact_path_ptr=exact_path,
+        cu_seqlens=seq_cu, scale=scale,
+        HAS_INITIAL_STATE=seq_init is not None,
+        STORE_DB=needs_decay_grad, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
-        exact_path_ptr=exact_path, cu_seqlens=seq_cu, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
+        decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
+        dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        exact_path_ptr=exact_path,
+        cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None,
         STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
@@ -1611,8 +1650,7 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
         grid = (num_seqs * H_kv, _cdiv(D, block_d))
         _gla_decay_grad_kernel[grid](
             db_q_ptr=db_q, db_k_ptr=db_k, x_ptr=decay, dx_ptr=ddecay, final_term_ptr=final_term,
-            cu_seqlens=cu_seqlens,
-            H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d,
+            cu_seqlens=cu_seqlens, H=H, HKV=H_kv, D=D, BLOCK_T=config["chunk"], BLOCK_D=block_d,
             HAS_FINAL_TERM=final_term is not None,
         )
     return dq, dk, dv, ddecay, dinitial_state
@@ -1620,39 +1658,45 @@ def _gla_backward(q, k, v, decay, initial_state, cu_seqlens, longest, scale, fin
 
 def _gla_run_forward(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     exact_path = None
-    # One check of the decays, left on the device, picks the fast or exact kernels, forward and backward.
+    # One check of the decays, left on the device, picks the fast or exact kernels,
+    # forward and backward.
     config = _gla_config(q.shape[2], v.shape[2])
     exact_path = _gla_exact_path_flag(decay, max(config["chunk"], config["bwd_chunk"]))
     o, final_state, entering = _gla_forward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
-        needs_grad, exact_path,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+        store_output, needs_grad, exact_path,
     )
     if o is None:  # state only: o stays unused, and its gradient is zero
-        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype,
+                        device=q.device)
     return o, final_state, entering, exact_path
 
 
 def _gla_forward_kernels(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """The operator gla_forward: _gla_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
-    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
+    q, k, v, decay, initial_state, cu_seqlens = _dense(
+        q, k, v, decay, initial_state, cu_seqlens
+    )
     o, final_state, entering, exact_path = _gla_run_forward(
         q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-        store_output,
-        needs_grad,
+        store_output, needs_grad,
     )
-    empty_state = lambda: q.new_empty(  # noqa: E731
-        (0, *q.shape[1:], v.shape[2]), dtype=torch.float32,
-    )
+
+    def empty_state():
+        return q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)
+
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1663,11 +1707,14 @@ def _gla_forward_kernels(
 
 def _gla_forward_fake(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """Shapes and dtypes of _gla_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
-    _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, needs_grad)
+    _, _, saved_len = _gla_plan(
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
+    )
     saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
     return (
         q.new_empty((N, H, E), dtype=q.dtype),
@@ -1679,20 +1726,23 @@ def _gla_forward_fake(
 
 def _gla_run_backward(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _gla_backward(
         q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-        store_output, do,
-        dfinal_state, needs_decay_grad=needs_decay_grad, exact_path=exact_path,
+        store_output, do, dfinal_state,
+        needs_decay_grad=needs_decay_grad,
+        exact_path=exact_path,
     )
 
 
 def _gla_backward_kernels(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The operator gla_backward: _gla_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
@@ -1700,8 +1750,8 @@ def _gla_backward_kernels(
     )
     dq, dk, dv, ddecay, dinitial_state = _gla_run_backward(
         q, k, v, decay, initial_state, cu_seqlens, final_state,
-        entering if entering.shape[0] > 0 else None,
-        exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+        entering if entering.shape[0] > 0 else None, exact_path, do, dfinal_state, num_seqs,
+        longest, scale, store_output, needs_decay_grad,
     )
     return (
         dq, dk, dv,
@@ -1712,7 +1762,8 @@ def _gla_backward_kernels(
 
 def _gla_backward_fake(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1723,20 +1774,24 @@ def _gla_backward_fake(
 
 
 _gla_forward_op = _define_op(
-    "gla_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "SymInt num_seqs, SymInt longest, float scale, bool output_final_state, bool store_output, bool needs_grad) "
+    "gla_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, SymInt num_seqs, SymInt longest, float scale, "
+    "bool output_final_state, bool store_output, bool needs_grad) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     _gla_forward_kernels, _gla_forward_fake,
 )
 _gla_backward_op = _define_op(
-    "gla_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, Tensor? dfinal_state, SymInt num_seqs, "
-    "SymInt longest, float scale, bool store_output, bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gla_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, "
+    "Tensor? dfinal_state, SymInt num_seqs, SymInt longest, float scale, bool store_output, "
+    "bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _gla_backward_kernels, _gla_backward_fake,
 )
 
 
-def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
+def _gla_no_tokens_forward(
+    ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+):
     """_gla_Function.forward for a call without tokens (B = 0 or T = 0): no kernel runs.
     The outputs are empty; every sequence's final state is its initial state (or zeros)."""
     B, T, H, D = q.shape
@@ -1754,28 +1809,32 @@ def _gla_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_
 
 
 def _gla_no_tokens_backward(ctx, dfinal_state):
-    """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
+    """Gradients of a call without tokens: zeros, except dL/d(initial state) =
+    dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(  # noqa: E731
-        x.shape, dtype=x.dtype, device=x.device,
-    )
+
+    def zeros(x):
+        return None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
-    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None, None
+    return (zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state,
+            None, None, None, None, None, None, None)
 
 
 class _gla_Function(torch.autograd.Function):
-    """Differentiable through q, k, v, gate_input and initial_state, once: the backward
-    is not itself differentiable, so a backward with create_graph=True (the first step of a
-    second-order gradient, a gradient penalty say) raises instead of giving wrong values.
+    """Differentiable through q, k, v, gate_input and initial_state, once:
+    the backward is not itself differentiable, so a backward with create_graph=True (the
+    first step of a second-order gradient, a gradient penalty say) raises instead of giving
+    wrong values.
     The kernels run inside the operators _gla_forward_op and _gla_backward_op."""
 
     @staticmethod
     def forward(
         ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
-        output_final_state,
-        store_output, needs_grad):
+        output_final_state, store_output, needs_grad,
+    ):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1784,7 +1843,7 @@ class _gla_Function(torch.autograd.Function):
             initial_state = initial_state.contiguous()
         if B * T == 0:
             return _gla_no_tokens_forward(
-                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state
             )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
@@ -1794,18 +1853,19 @@ class _gla_Function(torch.autograd.Function):
         # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
-        o, final_state, entering, exact_path = (_gla_run_forward if ctx.direct else _gla_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-            store_output,
-            needs_grad,
+        run_forward = _gla_run_forward if ctx.direct else _gla_forward_op
+        o, final_state, entering, exact_path = run_forward(
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+            output_final_state, store_output, needs_grad,
         )
         ctx.save_for_backward(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path,
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path
         )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
-        o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
+        # A no-op unless the kernels ran in float32 for bf16 inputs.
+        o = o.to(ctx.input_dtypes[0])
         return o.view(B, T, H, E), final_state if output_final_state else None
 
     @staticmethod
@@ -1816,22 +1876,24 @@ class _gla_Function(torch.autograd.Function):
         # require grad (loss = o.sum()), silently leaving the second-order terms out.
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
-                "gla: second-order gradients are not supported (its backward kernels are not "
-                "differentiable), so a backward with create_graph=True through gla would give wrong "
-                "values; compute first-order gradients only (create_graph=False)"
+                "gla: second-order gradients are not supported (its backward kernels are "
+                "not differentiable), so a backward with create_graph=True through gla "
+                "would give wrong values; compute first-order gradients only "
+                "(create_graph=False)"
             )
         if ctx.no_tokens:
             return _gla_no_tokens_backward(ctx, dfinal_state)
         B, T, num_seqs, longest = ctx.sizes
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path = ctx.saved_tensors
+        (q, k, v, decay, initial_state, cu_seqlens, final_state, entering,
+         exact_path) = ctx.saved_tensors
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ddecay, dinitial_state = (_gla_run_backward if ctx.direct else _gla_backward_op)(
+        run_backward = _gla_run_backward if ctx.direct else _gla_backward_op
+        dq, dk, dv, ddecay, dinitial_state = run_backward(
             q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-            dfinal_state, num_seqs,
-            longest, ctx.scale, ctx.store_output, needs_decay_grad,
+            dfinal_state, num_seqs, longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
         if ddecay is not None:
@@ -1843,18 +1905,24 @@ class _gla_Function(torch.autograd.Function):
 
 
 def gla(
-    q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-    cu_seqlens=None):
-    """causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate logsigmoid(x)/16.
+    q, k, v, gate_input=None, *unexpected, scale=None, initial_state=None,
+    output_final_state=False, cu_seqlens=None,
+):
+    """causal, linear attention, per-channel decay diag(exp(g_t)), feature map identity, gate
+    logsigmoid(x)/16.
 
     Args:
         q: [B, T, H, D] queries; k: [B, T, H_kv, D] keys; v: [B, T, H_kv, E] values
             (bf16, fp16 or fp32; H_kv must divide H).
-        gate_input: [B, T, H_kv, D] raw gate input, turned into log decay by logsigmoid(x)/16.
+        gate_input: [B, T, H_kv, D] raw gate input, turned into log decay by
+            logsigmoid(x)/16.
         scale: multiplies the output; default 1/sqrt(D).
-        initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
-        output_final_state: also return the float32 [N, H, D, E] state after the last token.
-        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+        initial_state: optional float32 [N, H, D, E] state to start from
+            (N sequences).
+        output_final_state: also return the float32 [N, H, D, E] state after the
+            last token.
+        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must
+            be 1).
             Checked on the host in eager calls (one device-to-host copy); under torch.compile
             and CUDA-graph capture it is not read on the host (see README, "torch.compile").
 
@@ -1870,7 +1938,9 @@ def gla(
         (o [B, T, H, E], final_state or None)
     """
     _gla_check_arguments(unexpected, gate_input)
-    return _gla_call(q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens)
+    return _gla_call(
+        q, k, v, gate_input, scale, initial_state, output_final_state, cu_seqlens
+    )
 
 
 def _gla_call(
@@ -1882,15 +1952,17 @@ def _gla_call(
         q, k, v, decay, initial_state, cu_seqlens
     )
     if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+        raise ValueError(
+            f"output_final_state must be True or False, got {output_final_state!r}"
+        )
     scale = _resolve_scale(scale, None, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _gla_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-        store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
     )
     if not store_output:
         return None, final_state
@@ -1902,14 +1974,15 @@ def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
     q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
-    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
+    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype,
+                      device=q_t.device)
     new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
     if B > 0:  # an empty batch launches nothing
         block_e = min(_block(E_state), 64)
         _gla_step_kernel[(_cdiv(E_state, block_e), B * H)](
-            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D),
-            BLOCK_E=block_e,
+            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state,
+            o_ptr=o_t, new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state,
+            BLOCK_D=_block(D), BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1917,24 +1990,30 @@ def _gla_step_kernels(q_t, k_t, v_t, state, decay, scale):
 def _gla_step_fake(q_t, k_t, v_t, state, decay, scale):
     B, H, _ = q_t.shape
     return (
-        q_t.new_empty((B, H, v_t.shape[2]), dtype=q_t.dtype),
+        q_t.new_empty((B, H, v_t.shape[2]),
+                      dtype=q_t.dtype),
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
 
 
 _gla_step_op = _define_op(
-    "gla_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) -> (Tensor, Tensor)",
+    "gla_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) "
+    "-> (Tensor, Tensor)",
     _gla_step_kernels, _gla_step_fake,
 )
 
 
 def gla_step(q_t, k_t, v_t, state, gate_input=None, *unexpected, scale=None):
-    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference only.
+    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference
+    only.
 
-    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E], gate_input [B, H_kv, D].
+    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E],
+    gate_input [B, H_kv, D].
     """
     _gla_check_arguments(unexpected, gate_input)
-    B, H, H_kv, D, E = _gla_check_step_inputs(q_t, k_t, v_t, state, gate_input)
+    B, H, H_kv, D, E = _gla_check_step_inputs(
+        q_t, k_t, v_t, state, gate_input,
+    )
     out_dtype = q_t.dtype
     scale = _resolve_scale(scale, None, D)
     # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
@@ -1976,20 +2055,19 @@ class _gla_SequenceParallel(torch.autograd.Function):
         _, own_state = _gla_call(q, k, v, decay, scale, None, True, None, store_output=False)
         states = _allgather(own_state, group)
         totals = _allgather(_gla_sp_totals(q, k, decay), group)
-        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(
-            own_state
-        )
+        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1),
+        # S_0 = initial_state.
+        if initial_state is not None:
+            incoming = initial_state.float()
+        else:
+            incoming = torch.zeros_like(own_state)
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [
-                None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (
-                    q, k, v, decay,
-                )
-            ]
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad)
+                      for x in (q, k, v, decay)]
             start = entering.detach().requires_grad_()
             o, local_final = _gla_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -2012,8 +2090,8 @@ class _gla_SequenceParallel(torch.autograd.Function):
         kernel_decay = _tokenwise(decay)
         scale = _resolve_scale(ctx.scale, None, D)
         through_outputs = _gla_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale,
-            flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device),
+            scale, flat[3],
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -2027,12 +2105,10 @@ class _gla_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(
-            torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True)
-        )
-        dq, dk, dv, ddecay = (
-            next(grads) if x is not None and x.requires_grad else None for x in leaves
-        )
+        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad),
+                                         allow_unused=True))
+        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None
+                              for x in leaves)
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -2097,9 +2173,10 @@ def gla_reference(
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(
-            B, H, D, E_state,
-        )
+        if initial_state is not None:
+            state = initial_state.to(q.dtype)
+        else:
+            state = q.new_zeros(B, H, D, E_state)
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -2120,9 +2197,8 @@ def gla_reference(
     exponent = exponent.masked_fill(~causal[None, :, :, None, None], float("-inf"))
     scores = torch.einsum("bthd,bshd,btshd->bhts", q, k_finite, exponent.exp())
     cum_end = cum[:, -1]  # [B, H, D]
-    state = cum_end.exp()[..., None] * (
-        initial_state.to(q.dtype) if initial_state is not None else 0.0
-    )
+    start = initial_state.to(q.dtype) if initial_state is not None else 0.0
+    state = cum_end.exp()[..., None] * start
     state = state + torch.einsum("bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp(), v)
     from_start = q * cum.exp()
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
@@ -2139,7 +2215,8 @@ def _gla_gate_reference(x):
 
 
 def _gla_log_decay_reference(x):
-    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the
+    kernels do."""
     g = _gla_gate_reference(x)
     return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 

@@ -35,7 +35,17 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 ATTNCC_VERSION = "0.1.0"
 SPEC_HASH = "a65e0e126633f8d5"
-SPEC_SOURCE = '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\nattention lightning {\n    feature_map = identity\n    decay       = per_head        # slope[H] passed at call time\n    causal      = true\n    chunk       = 64              # intra-block size; `auto` lets tuning pick\n    scale       = 1.0             # or `auto` = 1/sqrt(D)\n}\n'
+SPEC_SOURCE = (
+    '# Lightning Attention-2 (Qin et al., 2024), the token mixer of TransNormerLLM:\n'
+    '# linear attention with a fixed exponential decay per head, λ_h = exp(-slope_h).\n'
+    'attention lightning {\n'
+    '    feature_map = identity\n'
+    '    decay       = per_head        # slope[H] passed at call time\n'
+    '    causal      = true\n'
+    '    chunk       = 64              # intra-block size; `auto` lets tuning pick\n'
+    '    scale       = 1.0             # or `auto` = 1/sqrt(D)\n'
+    '}\n'
+)
 # Log decays below this are taken as this: e^-100 wipes the state (see _NAME_log_decay).
 LOG_DECAY_FLOOR = -100.0
 
@@ -73,9 +83,8 @@ def _check_tensor(name, x, layout, dtypes=(torch.float16, torch.bfloat16, torch.
     if x.dim() != len(layout):
         raise ValueError(f"{name} must have shape [{', '.join(layout)}], got {list(x.shape)}")
     if x.dtype not in dtypes:
-        raise ValueError(
-            f"{name} has dtype {x.dtype}; expected one of {', '.join(map(str, dtypes))}"
-        )
+        expected = ", ".join(map(str, dtypes))
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {expected}")
 
 
 def _check_shape(name, x, expected, layout):
@@ -88,9 +97,10 @@ def _check_shape(name, x, expected, layout):
 def _check_device(device, **tensors):
     if device.type == "cpu" and not _INTERPRETED:
         raise ValueError(
-            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled for "
-            "CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's interpreter "
-            "only where no GPU is present, or with TRITON_INTERPRET=1 set before the module is imported)"
+            "the inputs are on the CPU, but this machine has a GPU, so the kernels are compiled "
+            "for CUDA: move them to a CUDA device (the CPU runs the kernels through Triton's "
+            "interpreter only where no GPU is present, or with TRITON_INTERPRET=1 set before the "
+            "module is imported)"
         )
     for name, x in tensors.items():
         if x is not None and not isinstance(x, torch.Tensor):
@@ -135,9 +145,8 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     (the segment plan stays right, if coarser)."""
     if cu_seqlens is None:
         return None, batch, length
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
-        torch.int32, torch.int64,
-    ):
+    int_dtypes = (torch.int32, torch.int64)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in int_dtypes:
         raise ValueError("cu_seqlens must be an int32 or int64 tensor of shape [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(
@@ -159,7 +168,8 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length:
         raise ValueError(
-            f"cu_seqlens must start at 0 and end at T = {length}, got {bounds[0]} ... {bounds[-1]}"
+            f"cu_seqlens must start at 0 and end at T = {length}, "
+            f"got {bounds[0]} ... {bounds[-1]}"
         )
     if any(bounds[i + 1] < bounds[i] for i in range(num_seqs)):
         raise ValueError(
@@ -192,7 +202,8 @@ def _segment_length(requested, longest, programs, chunk, device, forward):
     return length if length < longest else None
 
 
-_WHAT_FITS = {}  # (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+# (kernel, dtype, launch parameters) -> (num_stages, BLOCK_T) that fit in shared memory
+_WHAT_FITS = {}
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -230,7 +241,8 @@ def _launch_key(kernel, args, meta):
     dtype = next(x.dtype for x in (*args, *meta.values()) if isinstance(x, torch.Tensor))
     settings = tuple(sorted(
         (k, x) for k, x in meta.items()
-        if (k.isupper() or k in ("num_warps", "num_stages")) and isinstance(x, (bool, int, float, str))
+        if (k.isupper() or k in ("num_warps", "num_stages"))
+        and isinstance(x, (bool, int, float, str))
     ))
     return (kernel, dtype, settings)
 
@@ -242,9 +254,8 @@ def _check_heads(H, H_kv, D, E, names, tensors):
     if not (1 <= D <= 256 and 1 <= E <= 256):
         raise ValueError(f"head dims D and E must be in 1..256, got D = {D}, E = {E}")
     if any(x.dtype != tensors[0].dtype for x in tensors):
-        raise ValueError(
-            f"{names} must share one dtype, got {', '.join(str(x.dtype) for x in tensors)}"
-        )
+        dtypes = ", ".join(str(x.dtype) for x in tensors)
+        raise ValueError(f"{names} must share one dtype, got {dtypes}")
 
 
 def _forward_block_e(config, rows, E, device):
@@ -268,14 +279,12 @@ def _cut_segments(cu_seqlens, longest, segment_len):
     device computes the values: nothing is read on the host."""
     num_seqs = cu_seqlens.shape[0] - 1
     per_sequence = _cdiv(longest, segment_len)
-    segment_cu = torch.empty(
-        num_seqs * per_sequence + 1, dtype=torch.int32, device=cu_seqlens.device,
-    )
-    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    device = cu_seqlens.device
+    segment_cu = torch.empty(num_seqs * per_sequence + 1, dtype=torch.int32, device=device)
+    segment_starts = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)
     _segment_bounds_kernel[(_cdiv(segment_cu.shape[0], 256),)](
         cu_seqlens=cu_seqlens, segment_cu=segment_cu, segment_starts=segment_starts,
-        num_seqs=num_seqs,
-        per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
+        num_seqs=num_seqs, per_sequence=per_sequence, segment_len=segment_len, BLOCK=256,
     )
     return segment_cu, segment_starts
 
@@ -283,7 +292,8 @@ def _cut_segments(cu_seqlens, longest, segment_len):
 @triton.jit
 def _segment_bounds_kernel(
     cu_seqlens, segment_cu, segment_starts, num_seqs, per_sequence, segment_len,
-    BLOCK: tl.constexpr):
+    BLOCK: tl.constexpr,
+):
     """segment_cu[n * S + j] = min(cu[n] + j * L, cu[n + 1]) and segment_cu[N * S] = cu[N];
     segment_starts[n] = n * S (S = per_sequence, L = segment_len)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -314,9 +324,8 @@ def _runs_directly(x):
 def _tokenwise(x):
     """[B, T, ...] -> dense [B * T, ...] in the dtype the kernels read it in (_kernel_dtype):
     how every per-token input (q, k, v, do, beta, a per-token decay) reaches a kernel."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).to(
-        _kernel_dtype(x.dtype, x.device)
-    ).contiguous()
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat.to(_kernel_dtype(x.dtype, x.device)).contiguous()
 
 
 def _allgather(tensor, group):
@@ -451,9 +460,116 @@ def _lightning_log_decay(x):
 
 
 @triton.jit
+def _lightning_program(cu_seqlens, H: tl.constexpr, HKV: tl.constexpr):
+    """This program's value block i_e, sequence i_n, query head i_h and the key/value head
+    i_hk serving it, the sequence's first token bos and its length (the grid is value
+    blocks x sequences * heads)."""
+    i_e = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return i_e, i_n, i_h, i_h // (H // HKV), bos, seq_len
+
+
+@triton.jit
+def _lightning_at(ptr, bos, rows, head, cols, HEADS: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to the [rows, cols] tile of one head of a [tokens, HEADS, WIDTH] array."""
+    return ptr + ((bos + rows[:, None]) * HEADS + head) * WIDTH + cols[None, :]
+
+
+@triton.jit
+def _lightning_pair_decays(b, mask, TRANSPOSED: tl.constexpr):
+    """exp(b_t - b_s) for the pairs under mask (query row t, key column s; TRANSPOSED: key
+    row s, query column t), 0 elsewhere: masked before the exp, which never sees the
+    positive exponents of the pairs the mask drops."""
+    if TRANSPOSED:
+        return tl.exp(tl.where(mask, b[None, :] - b[:, None], float("-inf")))
+    else:
+        return tl.exp(tl.where(mask, b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _lightning_carry_state(
+    state, k, v, b, b_last, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state carried to the end of the chunk: S exp(b_last) + (φk ⊙ exp(b_last - b))ᵀ v."""
+    k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
+    decayed = state * tl.exp(b_last)
+    return decayed + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_carry_dstate(
+    dstate, q, do, b, b_last, scale, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dS at the start of the chunk (the end of the previous one), from dL/dS at its end."""
+    q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
+    decayed = dstate * tl.exp(b_last)
+    return decayed + scale * tl.dot(tl.trans(q_from_start), do, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_chunk_output(
+    q, k, v, state, b, pair, causal, dot_dtype: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The chunk's outputs before the scale: what the state carried in from earlier chunks
+    contributes, (φq ⊙ exp(b)) S, plus the masked decayed quadratic attention within the chunk."""
+    q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
+    o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
+    scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
+    # where, not a product with the mask's zeros: q·k of pairs the mask drops may overflow.
+    scores = tl.where(causal, scores * pair, 0.0)
+    return o + tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _lightning_chunk_dq(
+    do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+):
+    """d(loss)/d(φq) of the chunk: through the pairs within it (without the pair (t, t) when
+    DROP_DIAGONAL) and through the state carried in."""
+    dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dscores = tl.where(causal, dscores * pair, 0.0)
+    if DROP_DIAGONAL:
+        dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
+    dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
+    dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+    dq += dq_from_start * tl.exp(b[:, None])
+    return dq * scale
+
+
+@triton.jit
+def _lightning_chunk_dkv(
+    q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+):
+    """d(loss)/d(φk) and d(loss)/dv of the chunk (key rows s, query columns t >= s): through
+    the pairs within it (the pair (t, t) apart in dk when DROP_DIAGONAL) and through the
+    state, which carries its keys and values to later chunks (dstate: dL/dS at its end)."""
+    scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
+    dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    scores_t = tl.where(anticausal, scores_t * pair, 0.0)
+    dscores_t = tl.where(anticausal, dscores_t * pair, 0.0)
+    if DROP_DIAGONAL:
+        dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
+    dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
+    dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
+    dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
+    to_end = tl.exp(b_last - b[:, None])
+    k_to_end = (k * to_end).to(dot_dtype)
+    dv_via_state = tl.dot(k_to_end, dstate.to(dot_dtype), input_precision=PRECISION)
+    dk = dk * scale + dk_via_state * to_end
+    return dk, dv * scale + dv_via_state
+
+
+@triton.jit
 def _lightning_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr, final_state_ptr,
-    segment_states_ptr, segment_starts, segment_len, nonfinite_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, decay_total_ptr, initial_state_ptr,
+    final_state_ptr, segment_states_ptr, segment_starts, segment_len, nonfinite_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
@@ -468,13 +584,7 @@ def _lightning_fwd_kernel(
     that cuts the sequences into segments. With STORE_OUTPUT on it flags, in
     nonfinite_ptr, a program whose state came out NaN or inf (see
     _lightning_fwd_again_kernel)."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -484,13 +594,10 @@ def _lightning_fwd_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
-        tl.float32
-    )
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(  # the same in every chunk
-        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
-    )
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -499,59 +606,43 @@ def _lightning_fwd_kernel(
         if STORE_SEGMENT_STATES:
             if start % segment_len == 0:
                 at = (tl.load(segment_starts + i_n) + start // segment_len).to(tl.int64) * H + i_h
-                tl.store(
-                    segment_states_ptr + (at * D + offs_d[:, None]) * E + offs_e[None, :], state,
-                    mask=state_mask,
-                )
+                # The pointer's rows first, then its columns: one [D, E] tile of int64
+                # offsets would cost registers the chunk's work needs.
+                segment_rows = segment_states_ptr + (at * D + offs_d[:, None]) * E
+                tl.store(segment_rows + offs_e[None, :], state, mask=state_mask)
         rows = start + offs_t
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(
-            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
+        b = tl.where(mask_t, b_full, b_last)
         if STORE_OUTPUT:
-            # What the state carried in from earlier chunks contributes.
-            q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-            o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-            # Within the chunk: masked (decayed) quadratic attention.
-            scores = tl.dot(q.to(dot_dtype), tl.trans(k.to(dot_dtype)), input_precision=PRECISION)
-            # where, not a product with the mask's zeros: q·k of pairs the mask drops may overflow.
-            scores = tl.where(causal, scores * pair_decay, 0.0)
-            o += tl.dot(scores.to(dot_dtype), v, input_precision=PRECISION)
-            tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+            o = _lightning_chunk_output(q, k, v, state, b, pair, causal, dot_dtype, PRECISION)
+            tl.store(_lightning_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                      (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(final_state_ptr + state_offs, state, mask=state_mask)
     if STORE_OUTPUT:
-        tl.store(
-            nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e,
-            tl.where(_all_finite(state), 0, 1),
-        )
+        nonfinite_at = nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + i_e
+        tl.store(nonfinite_at, tl.where(_all_finite(state), 0, 1))
     if not STORE_OUTPUT:  # total log decay of the sequence, once per (sequence, head)
         tl.store(decay_total_ptr + i_n * H + i_h, log_decay_h * seq_len, mask=i_e == 0)
 
 
 @triton.jit
 def _lightning_fwd_again_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, initial_state_ptr, nonfinite_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
@@ -564,13 +655,7 @@ def _lightning_fwd_again_kernel(
     The others, all of them unless some input is NaN or inf, return at once."""
     if tl.load(nonfinite_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) == 0:
         return
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -580,13 +665,10 @@ def _lightning_fwd_again_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
-        tl.float32
-    )
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(  # the same in every chunk
-        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
-    )
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -595,54 +677,37 @@ def _lightning_fwd_again_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(
-            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
-        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-        o = tl.dot(q_from_start, state.to(dot_dtype), input_precision=PRECISION)
-        scores = tl.dot(
-            q.to(dot_dtype), tl.trans(_finite_or_zero(k).to(dot_dtype)), input_precision=PRECISION,
-        )
-        scores = tl.where(causal, scores * pair_decay, 0.0)
-        o += tl.dot(
-            scores.to(dot_dtype), _finite_or_zero(v).to(dot_dtype), input_precision=PRECISION,
-        )
+        b = tl.where(mask_t, b_full, b_last)
+        # NaN and inf entries zeroed in the products over pairs, their rows marked afterwards.
+        k_finite = _finite_or_zero(k)
+        v_finite = _finite_or_zero(v).to(dot_dtype)
+        o = _lightning_chunk_output(
+            q, k_finite, v_finite, state, b, pair, causal, dot_dtype, PRECISION)
         o = _mark_from(o, offs_t, _first_nonfinite_row(k, v, offs_t, BLOCK_T))
-        tl.store(o_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+        tl.store(_lightning_at(o_ptr, bos, rows, i_h, offs_e, H, E),
                  (o * scale).to(o_ptr.dtype.element_ty), mask=mask_te)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _lightning_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr, cu_seqlens, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr,
+    cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -652,13 +717,10 @@ def _lightning_bwd_dq_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
-        tl.float32
-    )
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     causal = offs_t[:, None] >= offs_t[None, :]
-    pair_decay = tl.exp(  # the same in every chunk
-        tl.where(causal, b_full[:, None] - b_full[None, :], float("-inf"))
-    )
+    pair = _lightning_pair_decays(b_full, causal, False)
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
         state = tl.load(initial_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -667,34 +729,19 @@ def _lightning_bwd_dq_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(
-            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
-        do = tl.load(
-            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
-        dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dscores = tl.where(causal, dscores * pair_decay, 0.0)
-        if STORE_DB:  # the diagonal apart (see below)
-            dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
-        dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
-        dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
-        dq += dq_from_start * tl.exp(b[:, None])
-        dq *= scale
+        b = tl.where(mask_t, b_full, b_last)
+        dq = _lightning_chunk_dq(
+            do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype, PRECISION, STORE_DB)
         if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
             # Without the pair (t, t): it adds scale (q_t·k_t)(do_t·v_t) to q ⊙ dq and to k ⊙ dk
             # alike, which cancel in the decay gradient only up to rounding, and for fast
@@ -702,18 +749,15 @@ def _lightning_bwd_dq_kernel(
             tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(q * dq, axis=1), mask=mask_t)
             dq += scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)[:, None] * k
         dx_q = _lightning_q_map_backward(x_q, q, dq, mask_td)
-        tl.store(dq_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+        tl.store(_lightning_at(dq_ptr, bos, rows, i_h, offs_d, H, D),
                  dx_q.to(dq_ptr.dtype.element_ty), mask=mask_td)
-        # Carry the state to the end of this chunk.
-        k_to_end = (k * tl.exp(b_last - b[:, None])).to(dot_dtype)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), v, input_precision=PRECISION)
+        state = _lightning_carry_state(state, k, v, b, b_last, dot_dtype, PRECISION)
 
 
 @triton.jit
 def _lightning_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
-    dfinal_state_ptr, dinitial_state_ptr,
-    cu_seqlens, scale,
+    dfinal_state_ptr, dinitial_state_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
@@ -724,13 +768,7 @@ def _lightning_bwd_dkv_kernel(
     With STATE_ONLY on it only carries dL/dS back to the sequence start (the
     first backward pass of a sequence split into segments) and stores the total
     log decay."""
-    i_e = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H  # which sequence
-    i_h = i_nh % H  # which query head
-    i_hk = i_h // (H // HKV)  # which key/value head serves it
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -740,13 +778,10 @@ def _lightning_bwd_dkv_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
-    b_full = log_decay_h * (offs_t + 1).to(  # in-chunk cumulative log decay, any full chunk
-        tl.float32
-    )
+    # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
+    b_full = log_decay_h * (offs_t + 1).to(tl.float32)
     anticausal = offs_t[:, None] <= offs_t[None, :]  # key row s, query column t: s <= t
-    pair_decay = tl.exp(  # the same in every chunk
-        tl.where(anticausal, b_full[None, :] - b_full[:, None], float("-inf"))
-    )
+    pair = _lightning_pair_decays(b_full, anticausal, True)
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
         dstate = tl.load(dfinal_state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -758,60 +793,32 @@ def _lightning_bwd_dkv_kernel(
         mask_t = rows < seq_len
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_te = mask_t[:, None] & mask_e[None, :]
-        x_q = tl.load(
-            q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         q = _lightning_q_map(x_q, mask_td)
-        x_k = tl.load(
-            k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :], mask=mask_td,
-            other=0.0,
-        ).to(tl.float32)
+        x_k = tl.load(k_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
+                      mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
-        v = tl.load(
-            v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
-        do = tl.load(
-            do_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :], mask=mask_te,
-            other=0.0,
-        )
+        v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
+                    mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
-        b = tl.where(mask_t, b_full, b_last)  # b_full from the prologue: no scan per chunk
+        b = tl.where(mask_t, b_full, b_last)
 
         if not STATE_ONLY:
-            scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
-            dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            decay_t = pair_decay
-            scores_t = tl.where(anticausal, scores_t * decay_t, 0.0)
-            dscores_t = tl.where(anticausal, dscores_t * decay_t, 0.0)
-            if STORE_DB:  # the diagonal apart, as in the dq kernel
-                dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
-            dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
-            dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
-            # Later chunks see this chunk's keys and values through the state.
-            dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
-            to_end = tl.exp(b_last - b[:, None])
-            dv_via_state = tl.dot(
-                (k * to_end).to(dot_dtype), dstate.to(dot_dtype), input_precision=PRECISION,
-            )
-            dk = dk * scale + dk_via_state * to_end
-            dv = dv * scale + dv_via_state
-        # dL/dS at the end of the previous chunk.
-        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype)
-        dstate = dstate * tl.exp(b_last) + scale * tl.dot(
-            tl.trans(q_from_start), do, input_precision=PRECISION,
-        )
+            dk, dv = _lightning_chunk_dkv(
+                q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype,
+                PRECISION, STORE_DB)
+        dstate = _lightning_carry_dstate(dstate, q, do, b, b_last, scale, dot_dtype, PRECISION)
         if not STATE_ONLY:
             if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
                 tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(k * dk, axis=1), mask=mask_t)
-                dk += scale * tl.sum(  # the pair (t, t)
-                    v.to(tl.float32) * do.to(tl.float32), axis=1,
-                )[:, None] * q
+                # The pair (t, t), left out of the decay gradient as in the dq kernel.
+                dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q
             dx_k = _lightning_k_map_backward(x_k, k, dk, mask_td)
-            tl.store(dk_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
+            tl.store(_lightning_at(dk_ptr, bos, rows, i_h, offs_d, H, D),
                      dx_k.to(dk_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(dv_ptr + ((bos + rows[:, None]) * H + i_h) * E + offs_e[None, :],
+            tl.store(_lightning_at(dv_ptr, bos, rows, i_h, offs_e, H, E),
                      dv.to(dv_ptr.dtype.element_ty), mask=mask_te)
     if STORE_DINITIAL_STATE:
         tl.store(dinitial_state_ptr + state_offs, dstate, mask=state_mask)
@@ -871,17 +878,12 @@ def _lightning_step_kernel(
     offs_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_d = offs_d[None, :] < D  # features are [1, D] rows
     mask_e = offs_e < E
-    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
-        tl.float32
-    )
-    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0).to(
-        tl.float32
-    )
-    q = _lightning_q_map(x_q, mask_d)
-    k = _lightning_k_map(x_k, mask_d)
-    v = tl.load(
-        v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0,
-    ).to(tl.float32)
+    x_q = tl.load(q_ptr + (i_b * H + i_h) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    x_k = tl.load(k_ptr + (i_b * HKV + i_hk) * D + offs_d[None, :], mask=mask_d, other=0.0)
+    q = _lightning_q_map(x_q.to(tl.float32), mask_d)
+    k = _lightning_k_map(x_k.to(tl.float32), mask_d)
+    v = tl.load(v_ptr + (i_b * HKV + i_hk) * E + offs_e[None, :], mask=mask_e[None, :], other=0.0)
+    v = v.to(tl.float32)
     state_offs = ((i_b * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = (offs_d[:, None] < D) & mask_e[None, :]
     state = tl.load(state_ptr + state_offs, mask=state_mask, other=0.0)
@@ -906,10 +908,10 @@ def _lightning_check_arguments(unexpected, slope):
 def _lightning_check_decay_input(slope, leading, leading_names, H, H_kv, D):
     """The decay input's shape and dtype; `leading` are the dims before the head dim
     ((B, T) in a call, (B,) in a decoding step; the per-head slope has none)."""
-    _check_tensor(
-        "slope", slope, ("H",), (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    )
-    _check_shape("slope", slope, (H,), ("H",))
+    _check_tensor("slope", slope, ("H",),
+                  (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    _check_shape("slope", slope, (H,),
+                 ("H",))
 
 
 def _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens):
@@ -928,7 +930,8 @@ def _lightning_check_inputs(q, k, v, slope, initial_state, cu_seqlens):
     cu_seqlens, num_seqs, longest = _check_cu_seqlens(cu_seqlens, B, T, q.device)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, ("N", "H", "D", "E"), (torch.float32,))
-        _check_shape("initial_state", initial_state, (num_seqs, H, D, E), ("N", "H", "D", "E"))
+        _check_shape("initial_state", initial_state, (num_seqs, H, D, E),
+                     ("N", "H", "D", "E"))
     return B, T, H, H_kv, D, E, cu_seqlens, num_seqs, longest
 
 
@@ -954,10 +957,11 @@ def _lightning_config(D, E):
     (Head dims are static facts of a launch: traced with symbolic sizes, they specialize.)"""
     D, E = int(D), int(E)
     config = {
-        "chunk": 64, "bwd_chunk": 64, "block_e": min(_block(E), 64),
-        "narrow_block_e": True,
-        "num_warps": 4, "bwd_num_warps": 8, "num_stages": 3,
-        "bwd_num_stages": 3, "segment": None, "bwd_segment": None,
+        "chunk": 64, "bwd_chunk": 64,
+        "block_e": min(_block(E), 64), "narrow_block_e": True,
+        "num_warps": 4, "bwd_num_warps": 8,
+        "num_stages": 3, "bwd_num_stages": 3,
+        "segment": None, "bwd_segment": None,
     }
     config.update(TUNED_CONFIGS.get(("lightning", D, E), {}))
     return config
@@ -967,8 +971,8 @@ def _lightning_launch_args(q, k, v, config, block_e, backward=False):
     H, D = q.shape[1], q.shape[2]
     return dict(
         H=H, HKV=k.shape[1], D=D, E=v.shape[2],
-        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D),
-        BLOCK_E=block_e, PRECISION=_precision(q.dtype),
+        BLOCK_T=config["bwd_chunk" if backward else "chunk"], BLOCK_D=_block(D), BLOCK_E=block_e,
+        PRECISION=_precision(q.dtype),
         num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
     )
@@ -995,7 +999,7 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
     config = dict(config, block_e=_forward_block_e(config, num_seqs * H, E, device))
     programs = num_seqs * H * _cdiv(E, config["block_e"])
     segment_len = _segment_length(
-        config["segment"], longest, programs, config["chunk"], device, forward=True,
+        config["segment"], longest, programs, config["chunk"], device, forward=True
     )
     if not store_output:
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
@@ -1005,8 +1009,8 @@ def _lightning_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad
 
 
 def _lightning_segment_states(
-    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state,
-    config):
+    q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config,
+):
     """Cut each sequence into segments of segment_len tokens and find the state entering
     each one: a state-only pass gives every segment's own final state and total log
     decay, and a scan chains them. Returns (segment_cu, segment_starts, entering
@@ -1018,17 +1022,19 @@ def _lightning_segment_states(
     local = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
     decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
     _launch(_lightning_fwd_kernel, (_cdiv(E, config["block_e"]), num_segments * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None, decay_ptr=decay, decay_total_ptr=decay_total,
-        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None, segment_starts=None,
-        segment_len=0,
-        nonfinite_ptr=None, cu_seqlens=segment_cu, scale=1.0,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=None,
+        decay_ptr=decay, decay_total_ptr=decay_total,
+        initial_state_ptr=None, final_state_ptr=local, segment_states_ptr=None,
+        segment_starts=None, segment_len=0, nonfinite_ptr=None,
+        cu_seqlens=segment_cu, scale=1.0,
         HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True, STORE_OUTPUT=False,
-        STORE_SEGMENT_STATES=False,
-        **_lightning_launch_args(q, k, v, config, config["block_e"]),
+        STORE_SEGMENT_STATES=False, **_lightning_launch_args(q, k, v, config, config["block_e"]),
     )
     entering = torch.empty_like(local)
     _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-        local_ptr=local, decay_total_ptr=decay_total, carry_in_ptr=initial_state, out_ptr=entering,
+        local_ptr=local,
+        decay_total_ptr=decay_total,
+        carry_in_ptr=initial_state, out_ptr=entering,
         carry_out_ptr=final_state, segment_starts=segment_starts,
         H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
         HAS_CARRY_IN=initial_state is not None, STORE_CARRY_OUT=final_state is not None,
@@ -1046,11 +1052,14 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
     num_seqs = cu_seqlens.shape[0] - 1
     config = _lightning_config(D, E)
     dinitial_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
-    decay_total = torch.empty((num_seqs, H), dtype=torch.float32, device=q.device)
+    decay_total = torch.empty(
+        (num_seqs, H), dtype=torch.float32,
+        device=q.device,
+    )
     _launch(_lightning_bwd_dkv_kernel, (1, num_seqs * H),
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
-        db_ptr=None,
-        decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+        decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+        dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
         cu_seqlens=cu_seqlens, scale=scale,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
         **_lightning_launch_args(q, k, v, config, _block(E), backward=True),
@@ -1065,16 +1074,19 @@ def _lightning_outputs_again_where_nonfinite(
     compute their outputs again so that the non-finite value reaches later tokens only
     (see _lightning_fwd_again_kernel); the others return at once."""
     _launch(_lightning_fwd_again_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, initial_state_ptr=initial_state,
-        nonfinite_ptr=nonfinite, cu_seqlens=cu_seqlens, scale=scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay,
+        initial_state_ptr=initial_state,
+        nonfinite_ptr=nonfinite,
+        cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, **launch,
     )
 
 
 def _lightning_outputs(
     q, k, v, o, decay, initial_state, final_state, entering, segment_starts, segment_len,
-    cu_seqlens,
-    scale, config):
+    cu_seqlens, scale, config,
+):
     """The forward kernel over (value block, sequence or segment, head) programs, then its
     second look at the programs whose state came out non-finite."""
     H, E = q.shape[1], v.shape[2]
@@ -1082,22 +1094,23 @@ def _lightning_outputs(
     grid = (_cdiv(E, config["block_e"]), (cu_seqlens.shape[0] - 1) * H)
     nonfinite = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
     _launch(_lightning_fwd_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, decay_ptr=decay, decay_total_ptr=None,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o,
+        decay_ptr=decay, decay_total_ptr=None,
         initial_state_ptr=initial_state, final_state_ptr=final_state, segment_states_ptr=entering,
         segment_starts=segment_starts, segment_len=segment_len or 0, nonfinite_ptr=nonfinite,
         cu_seqlens=cu_seqlens, scale=scale,
         HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final_state is not None,
-        STORE_OUTPUT=True,
-        STORE_SEGMENT_STATES=entering is not None, **launch,
+        STORE_OUTPUT=True, STORE_SEGMENT_STATES=entering is not None, **launch,
     )
     _lightning_outputs_again_where_nonfinite(
-        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch,
+        grid, q, k, v, o, decay, initial_state, nonfinite, cu_seqlens, scale, launch
     )
 
 
 def _lightning_forward(
     q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """The forward pass (see _lightning_plan). Returns (o or None when store_output=False,
     final state or None, states entering the segments for the backward pass or None).
     """
@@ -1105,40 +1118,44 @@ def _lightning_forward(
     E = v.shape[2]
     num_seqs = cu_seqlens.shape[0] - 1
     config, segment_len, saved_len = _lightning_plan(
-        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
     )
-    final_state = torch.empty(
-        num_seqs, H, D, E, dtype=torch.float32, device=q.device,
-    ) if output_final_state else None
+    final_state = None
+    if output_final_state:
+        final_state = torch.empty(num_seqs, H, D, E, dtype=torch.float32, device=q.device)
     if not store_output:
         _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest, segment_len,
                                final_state, config)
         return None, final_state, None
-    o = torch.empty(N, H, E, dtype=q.dtype, device=q.device)
-    if segment_len is None:  # whole sequences; perhaps storing the states entering the backward's segments
+    o = torch.empty(N, H, E, dtype=q.dtype,
+                    device=q.device)
+    # Whole sequences without segment_len; perhaps storing the states entering the
+    # backward's segments.
+    if segment_len is None:
         entering = segment_starts = None
         if saved_len is not None:
             _, segment_starts = _cut_segments(cu_seqlens, longest, saved_len)
-            entering = torch.empty(
-                num_seqs * _cdiv(longest, saved_len), H, D, E, dtype=torch.float32, device=q.device,
-            )
+            entering = torch.empty(num_seqs * _cdiv(longest, saved_len), H, D, E,
+                                   dtype=torch.float32, device=q.device)
         _lightning_outputs(
             q, k, v, o, decay, initial_state, final_state, entering, segment_starts, saved_len,
-            cu_seqlens,
-            scale, config)
+            cu_seqlens, scale, config,
+        )
         return o, final_state, entering
     segment_cu, _, entering = _lightning_segment_states(
-        q, k, v, decay, initial_state, cu_seqlens, longest,
-        segment_len, final_state, config)
+        q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, final_state, config
+    )
     _lightning_outputs(
-        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale, config,
+        q, k, v, o, decay, entering, None, None, None, None, segment_cu, scale,
+        config,
     )
     return o, final_state, entering
 
 
 def _lightning_backward(
     q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-    store_output, do, dfinal_state, needs_decay_grad):
+    store_output, do, dfinal_state, needs_decay_grad,
+):
     """dL/dq, dL/dk, dL/dv, dL/d(decay input) (None unless needs_decay_grad) and
     dL/d(initial state) (None without one). `entering` are the states entering the
     segments the forward pass cut or stored (see _lightning_plan), or None."""
@@ -1169,8 +1186,9 @@ def _lightning_backward(
         # here when the forward pass did not hand segments over.
         segment_len = _lightning_backward_segment_length(config, longest, num_seqs * H, q.device)
         if segment_len is not None:
-            segments = _lightning_segment_states(q, k, v, decay, initial_state, cu_seqlens, longest,
-                                              segment_len, None, config)
+            segments = _lightning_segment_states(
+                q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, None, config
+            )
     if segments is None:
         seq_cu, seq_init, seq_dfinal = cu_seqlens, initial_state, dfinal_state
         num_segments = num_seqs
@@ -1181,17 +1199,18 @@ def _lightning_backward(
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H), dtype=torch.float32, device=q.device)
         _launch(_lightning_bwd_dkv_kernel, (1, num_segments * H),
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None, decay_ptr=decay,
-            db_ptr=None,
-            decay_total_ptr=decay_total, dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
+            decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
+            dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             cu_seqlens=seq_cu, scale=scale,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
             **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
         _lightning_segment_scan_kernel[(_cdiv(E, config["block_e"]), num_seqs * H)](
-            local_ptr=dlocal, decay_total_ptr=decay_total, carry_in_ptr=dfinal_state,
-            out_ptr=seq_dfinal,
+            local_ptr=dlocal,
+            decay_total_ptr=decay_total,
+            carry_in_ptr=dfinal_state, out_ptr=seq_dfinal,
             carry_out_ptr=dinitial_state, segment_starts=segment_starts,
             H=H, D=D, E=E, BLOCK_D=_block(D), BLOCK_E=config["block_e"],
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
@@ -1199,13 +1218,17 @@ def _lightning_backward(
         )
     grid = (1, num_segments * H)
     _launch(_lightning_bwd_dq_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, decay_ptr=decay, db_ptr=db_q,
-        initial_state_ptr=seq_init, cu_seqlens=seq_cu, scale=scale,
-        HAS_INITIAL_STATE=seq_init is not None, STORE_DB=needs_decay_grad, **launch,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
+        decay_ptr=decay, db_ptr=db_q,
+        initial_state_ptr=seq_init,
+        cu_seqlens=seq_cu, scale=scale,
+        HAS_INITIAL_STATE=seq_init is not None,
+        STORE_DB=needs_decay_grad, **launch,
     )
     _launch(_lightning_bwd_dkv_kernel, grid,
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, decay_ptr=decay, db_ptr=db_k,
-        decay_total_ptr=None, dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
+        decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
+        dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
         cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None,
         STORE_DINITIAL_STATE=segments is None and initial_state is not None,
@@ -1225,21 +1248,20 @@ def _lightning_backward(
         #                                             = -sum_u (position of u + 1) * db_u.
         db = db_q - db_k
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        first = torch.repeat_interleave(  # no host sync
-            cu_seqlens[:-1].long(), lengths, output_size=N,
-        )
+        # output_size: no host sync
+        first = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=N)
         ddecay = -((torch.arange(N, device=q.device) - first + 1).to(db.dtype)[:, None] * db).sum(0)
         if final_term is not None:
             ddecay -= (lengths[:, None] * final_term).sum(0)
-        ddecay = torch.where(  # raised to the floor: no gradient
-            -decay < LOG_DECAY_FLOOR, 0.0, ddecay,
-        )
+        # A decay raised to the floor has no gradient.
+        ddecay = torch.where(-decay < LOG_DECAY_FLOOR, 0.0, ddecay)
     return dq, dk, dv, ddecay, dinitial_state
 
 
 def _lightning_run_forward(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """The forward kernels on dense [tokens, heads, dim] inputs; cu_seqlens None means
     num_seqs sequences of longest tokens. Returns (o, final state or None, states entering
     the segments the backward pass uses or None, per-channel path flag or None)."""
@@ -1247,28 +1269,32 @@ def _lightning_run_forward(
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     exact_path = None
     o, final_state, entering = _lightning_forward(
-        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state, store_output,
-        needs_grad,
+        q, k, v, decay, initial_state, cu_seqlens, longest, scale, output_final_state,
+        store_output, needs_grad,
     )
     if o is None:  # state only: o stays unused, and its gradient is zero
-        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        o = torch.zeros(v.shape[0], q.shape[1], v.shape[2], dtype=q.dtype,
+                        device=q.device)
     return o, final_state, entering, exact_path
 
 
 def _lightning_forward_kernels(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """The operator lightning_forward: _lightning_run_forward, with empty tensors for the outputs
     it has not (an operator returns tensors)."""
-    q, k, v, decay, initial_state, cu_seqlens = _dense(q, k, v, decay, initial_state, cu_seqlens)
+    q, k, v, decay, initial_state, cu_seqlens = _dense(
+        q, k, v, decay, initial_state, cu_seqlens
+    )
     o, final_state, entering, exact_path = _lightning_run_forward(
         q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-        store_output,
-        needs_grad,
+        store_output, needs_grad,
     )
-    empty_state = lambda: q.new_empty(  # noqa: E731
-        (0, *q.shape[1:], v.shape[2]), dtype=torch.float32,
-    )
+
+    def empty_state():
+        return q.new_empty((0, *q.shape[1:], v.shape[2]), dtype=torch.float32)
+
     return (
         o,
         final_state if final_state is not None else empty_state(),
@@ -1279,12 +1305,13 @@ def _lightning_forward_kernels(
 
 def _lightning_forward_fake(
     q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-    store_output, needs_grad):
+    store_output, needs_grad,
+):
     """Shapes and dtypes of _lightning_forward_kernels' outputs, from the same plan."""
     N, H, D = q.shape
     E = v.shape[2]
     _, _, saved_len = _lightning_plan(
-        num_seqs, longest, H, D, E, q.device, store_output, needs_grad,
+        num_seqs, longest, H, D, E, q.device, store_output, needs_grad
     )
     saved = 0 if saved_len is None else num_seqs * _cdiv(longest, saved_len)
     return (
@@ -1297,20 +1324,22 @@ def _lightning_forward_fake(
 
 def _lightning_run_backward(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The backward kernels: (dq, dk, dv, d(decay input) or None, d(initial state) or None)."""
     if cu_seqlens is None:
         cu_seqlens = _equal_sequence_starts(num_seqs, longest, q.device)
     return _lightning_backward(
         q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
-        store_output, do,
-        dfinal_state, needs_decay_grad=needs_decay_grad,
+        store_output, do, dfinal_state,
+        needs_decay_grad=needs_decay_grad,
     )
 
 
 def _lightning_backward_kernels(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     """The operator lightning_backward: _lightning_run_backward on tensors (empty ones stand for
     none, in and out)."""
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, do, dfinal_state = _dense(
@@ -1318,8 +1347,8 @@ def _lightning_backward_kernels(
     )
     dq, dk, dv, ddecay, dinitial_state = _lightning_run_backward(
         q, k, v, decay, initial_state, cu_seqlens, final_state,
-        entering if entering.shape[0] > 0 else None,
-        exact_path, do, dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+        entering if entering.shape[0] > 0 else None, exact_path, do, dfinal_state, num_seqs,
+        longest, scale, store_output, needs_decay_grad,
     )
     return (
         dq, dk, dv,
@@ -1330,7 +1359,8 @@ def _lightning_backward_kernels(
 
 def _lightning_backward_fake(
     q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad):
+    dfinal_state, num_seqs, longest, scale, store_output, needs_decay_grad,
+):
     ddecay = q.new_empty(0, dtype=torch.float32)
     if needs_decay_grad:
         ddecay = torch.empty_like(decay, memory_format=torch.contiguous_format)
@@ -1341,20 +1371,24 @@ def _lightning_backward_fake(
 
 
 _lightning_forward_op = _define_op(
-    "lightning_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "SymInt num_seqs, SymInt longest, float scale, bool output_final_state, bool store_output, bool needs_grad) "
+    "lightning_forward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, SymInt num_seqs, SymInt longest, float scale, "
+    "bool output_final_state, bool store_output, bool needs_grad) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     _lightning_forward_kernels, _lightning_forward_fake,
 )
 _lightning_backward_op = _define_op(
-    "lightning_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, Tensor? cu_seqlens, "
-    "Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, Tensor? dfinal_state, SymInt num_seqs, "
-    "SymInt longest, float scale, bool store_output, bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "lightning_backward(Tensor q, Tensor k, Tensor v, Tensor? decay, Tensor? initial_state, "
+    "Tensor? cu_seqlens, Tensor final_state, Tensor entering, Tensor exact_path, Tensor do, "
+    "Tensor? dfinal_state, SymInt num_seqs, SymInt longest, float scale, bool store_output, "
+    "bool needs_decay_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _lightning_backward_kernels, _lightning_backward_fake,
 )
 
 
-def _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, output_final_state):
+def _lightning_no_tokens_forward(
+    ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+):
     """_lightning_Function.forward for a call without tokens (B = 0 or T = 0): no kernel runs.
     The outputs are empty; every sequence's final state is its initial state (or zeros)."""
     B, T, H, D = q.shape
@@ -1372,28 +1406,32 @@ def _lightning_no_tokens_forward(ctx, q, k, v, decay, initial_state, num_seqs, o
 
 
 def _lightning_no_tokens_backward(ctx, dfinal_state):
-    """Gradients of a call without tokens: zeros, except dL/d(initial state) = dL/d(final state)."""
+    """Gradients of a call without tokens: zeros, except dL/d(initial state) =
+    dL/d(final state)."""
     q, k, v, decay, initial_state = ctx.saved_tensors
-    zeros = lambda x: None if x is None else torch.zeros(  # noqa: E731
-        x.shape, dtype=x.dtype, device=x.device,
-    )
+
+    def zeros(x):
+        return None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
     dinitial_state = zeros(initial_state)
     if initial_state is not None and dfinal_state is not None:
         dinitial_state = dfinal_state.to(torch.float32).contiguous()
-    return zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state, None, None, None, None, None, None, None
+    return (zeros(q), zeros(k), zeros(v), zeros(decay), dinitial_state,
+            None, None, None, None, None, None, None)
 
 
 class _lightning_Function(torch.autograd.Function):
-    """Differentiable through q, k, v, slope and initial_state, once: the backward
-    is not itself differentiable, so a backward with create_graph=True (the first step of a
-    second-order gradient, a gradient penalty say) raises instead of giving wrong values.
+    """Differentiable through q, k, v, slope and initial_state, once:
+    the backward is not itself differentiable, so a backward with create_graph=True (the
+    first step of a second-order gradient, a gradient penalty say) raises instead of giving
+    wrong values.
     The kernels run inside the operators _lightning_forward_op and _lightning_backward_op."""
 
     @staticmethod
     def forward(
         ctx, q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
-        output_final_state,
-        store_output, needs_grad):
+        output_final_state, store_output, needs_grad,
+    ):
         B, T, H, D = q.shape
         E = v.shape[3]
         # The gradients go back in the inputs' dtypes (the kernels may run in another one).
@@ -1402,7 +1440,7 @@ class _lightning_Function(torch.autograd.Function):
             initial_state = initial_state.contiguous()
         if B * T == 0:
             return _lightning_no_tokens_forward(
-                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state,
+                ctx, q, k, v, decay, initial_state, num_seqs, output_final_state
             )
         ctx.no_tokens = False
         # Every tensor a kernel reads is dense, whatever view the caller passed (a slice,
@@ -1412,18 +1450,19 @@ class _lightning_Function(torch.autograd.Function):
         # Eager calls on plain tensors launch the kernels directly; anything traced (or meta
         # tensors) goes through the operator, which torch sees as one op with a fake.
         ctx.direct = _runs_directly(q)
-        o, final_state, entering, exact_path = (_lightning_run_forward if ctx.direct else _lightning_forward_op)(
-            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-            store_output,
-            needs_grad,
+        run_forward = _lightning_run_forward if ctx.direct else _lightning_forward_op
+        o, final_state, entering, exact_path = run_forward(
+            q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+            output_final_state, store_output, needs_grad,
         )
         ctx.save_for_backward(
-            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path,
+            q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path
         )
         ctx.store_output = store_output
         ctx.scale = scale
         ctx.sizes = (B, T, num_seqs, longest)
-        o = o.to(ctx.input_dtypes[0])  # a no-op unless the kernels ran in float32 for bf16 inputs
+        # A no-op unless the kernels ran in float32 for bf16 inputs.
+        o = o.to(ctx.input_dtypes[0])
         return o.view(B, T, H, E), final_state if output_final_state else None
 
     @staticmethod
@@ -1434,22 +1473,24 @@ class _lightning_Function(torch.autograd.Function):
         # require grad (loss = o.sum()), silently leaving the second-order terms out.
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
-                "lightning: second-order gradients are not supported (its backward kernels are not "
-                "differentiable), so a backward with create_graph=True through lightning would give wrong "
-                "values; compute first-order gradients only (create_graph=False)"
+                "lightning: second-order gradients are not supported (its backward kernels are "
+                "not differentiable), so a backward with create_graph=True through lightning "
+                "would give wrong values; compute first-order gradients only "
+                "(create_graph=False)"
             )
         if ctx.no_tokens:
             return _lightning_no_tokens_backward(ctx, dfinal_state)
         B, T, num_seqs, longest = ctx.sizes
-        q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path = ctx.saved_tensors
+        (q, k, v, decay, initial_state, cu_seqlens, final_state, entering,
+         exact_path) = ctx.saved_tensors
         do = do.reshape(B * T, do.shape[2], do.shape[3]).to(q.dtype).contiguous()
         if dfinal_state is not None:
             dfinal_state = dfinal_state.contiguous()
         needs_decay_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ddecay, dinitial_state = (_lightning_run_backward if ctx.direct else _lightning_backward_op)(
+        run_backward = _lightning_run_backward if ctx.direct else _lightning_backward_op
+        dq, dk, dv, ddecay, dinitial_state = run_backward(
             q, k, v, decay, initial_state, cu_seqlens, final_state, entering, exact_path, do,
-            dfinal_state, num_seqs,
-            longest, ctx.scale, ctx.store_output, needs_decay_grad,
+            dfinal_state, num_seqs, longest, ctx.scale, ctx.store_output, needs_decay_grad,
         )
         ddecay = ddecay.to(ctx.input_dtypes[1]) if needs_decay_grad else None
         if initial_state is None:
@@ -1459,8 +1500,9 @@ class _lightning_Function(torch.autograd.Function):
 
 
 def lightning(
-    q, k, v, slope=None, *unexpected, scale=None, initial_state=None, output_final_state=False,
-    cu_seqlens=None):
+    q, k, v, slope=None, *unexpected, scale=None, initial_state=None,
+    output_final_state=False, cu_seqlens=None,
+):
     """causal, linear attention, per-head decay exp(-slope_h), feature map identity.
 
     Args:
@@ -1468,9 +1510,12 @@ def lightning(
             (bf16, fp16 or fp32; H_kv must divide H).
         slope: [H] positive per-head decay rates; the state decays by exp(-slope) per token.
         scale: multiplies the output; default 1.0.
-        initial_state: optional float32 [N, H, D, E] state to start from (N sequences).
-        output_final_state: also return the float32 [N, H, D, E] state after the last token.
-        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must be 1).
+        initial_state: optional float32 [N, H, D, E] state to start from
+            (N sequences).
+        output_final_state: also return the float32 [N, H, D, E] state after the
+            last token.
+        cu_seqlens: optional int [N + 1] sequence boundaries in a packed batch (then B must
+            be 1).
             Checked on the host in eager calls (one device-to-host copy); under torch.compile
             and CUDA-graph capture it is not read on the host (see README, "torch.compile").
 
@@ -1486,7 +1531,9 @@ def lightning(
         (o [B, T, H, E], final_state or None)
     """
     _lightning_check_arguments(unexpected, slope)
-    return _lightning_call(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens)
+    return _lightning_call(
+        q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens
+    )
 
 
 def _lightning_call(
@@ -1498,15 +1545,17 @@ def _lightning_call(
         q, k, v, decay, initial_state, cu_seqlens
     )
     if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+        raise ValueError(
+            f"output_final_state must be True or False, got {output_final_state!r}"
+        )
     scale = _resolve_scale(scale, 1.0, D)
     # Whether a backward pass can follow (ctx.needs_input_grad says yes under no_grad too).
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)
     )
     o, final_state = _lightning_Function.apply(
-        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale, output_final_state,
-        store_output, needs_grad
+        q, k, v, decay, initial_state, cu_seqlens, num_seqs, longest, scale,
+        output_final_state, store_output, needs_grad,
     )
     if not store_output:
         return None, final_state
@@ -1518,14 +1567,15 @@ def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
     q_t, k_t, v_t, state, decay = _dense(q_t, k_t, v_t, state, decay)
     B, H, D = q_t.shape
     H_kv, E_state = k_t.shape[1], v_t.shape[2]
-    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype, device=q_t.device)
+    o_t = torch.empty(B, H, E_state, dtype=q_t.dtype,
+                      device=q_t.device)
     new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)
     if B > 0:  # an empty batch launches nothing
         block_e = min(_block(E_state), 64)
         _lightning_step_kernel[(_cdiv(E_state, block_e), B * H)](
-            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state, o_ptr=o_t,
-            new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state, BLOCK_D=_block(D),
-            BLOCK_E=block_e,
+            q_ptr=q_t, k_ptr=k_t, v_ptr=v_t, decay_ptr=decay, state_ptr=state,
+            o_ptr=o_t, new_state_ptr=new_state, scale=scale, H=H, HKV=H_kv, D=D, E=E_state,
+            BLOCK_D=_block(D), BLOCK_E=block_e,
         )
     return o_t, new_state
 
@@ -1533,24 +1583,30 @@ def _lightning_step_kernels(q_t, k_t, v_t, state, decay, scale):
 def _lightning_step_fake(q_t, k_t, v_t, state, decay, scale):
     B, H, _ = q_t.shape
     return (
-        q_t.new_empty((B, H, v_t.shape[2]), dtype=q_t.dtype),
+        q_t.new_empty((B, H, v_t.shape[2]),
+                      dtype=q_t.dtype),
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
 
 
 _lightning_step_op = _define_op(
-    "lightning_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) -> (Tensor, Tensor)",
+    "lightning_step(Tensor q_t, Tensor k_t, Tensor v_t, Tensor state, Tensor? decay, float scale) "
+    "-> (Tensor, Tensor)",
     _lightning_step_kernels, _lightning_step_fake,
 )
 
 
 def lightning_step(q_t, k_t, v_t, state, slope=None, *unexpected, scale=None):
-    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference only.
+    """Decode one token: returns (o_t [B, H, E], new state [B, H, D, E]); inference
+    only.
 
-    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E], slope [H].
+    q_t [B, H, D], k_t [B, H_kv, D], v_t [B, H_kv, E], state float32 [B, H, D, E],
+    slope [H].
     """
     _lightning_check_arguments(unexpected, slope)
-    B, H, H_kv, D, E = _lightning_check_step_inputs(q_t, k_t, v_t, state, slope)
+    B, H, H_kv, D, E = _lightning_check_step_inputs(
+        q_t, k_t, v_t, state, slope,
+    )
     out_dtype = q_t.dtype
     scale = _resolve_scale(scale, 1.0, D)
     # The kernel reads and writes dense arrays: inputs are made contiguous (and float32 where
@@ -1592,20 +1648,19 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         _, own_state = _lightning_call(q, k, v, decay, scale, None, True, None, store_output=False)
         states = _allgather(own_state, group)
         totals = _allgather(_lightning_sp_totals(q, k, decay), group)
-        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1), S_0 = initial_state.
-        incoming = initial_state.float() if initial_state is not None else torch.zeros_like(
-            own_state
-        )
+        # The state entering rank r: S_r = A_{r-1} ⊙ S_{r-1} + (own state of rank r-1),
+        # S_0 = initial_state.
+        if initial_state is not None:
+            incoming = initial_state.float()
+        else:
+            incoming = torch.zeros_like(own_state)
         for source in range(world):
             if source == rank:
                 entering = incoming
             incoming = totals[source].exp()[..., None, None] * incoming + states[source]
         with torch.enable_grad():  # the output pass, recorded for the backward
-            leaves = [
-                None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (
-                    q, k, v, decay,
-                )
-            ]
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad)
+                      for x in (q, k, v, decay)]
             start = entering.detach().requires_grad_()
             o, local_final = _lightning_call(*leaves[:3], leaves[3], scale, start, True, None)
         ctx.graph = (leaves, o, local_final)
@@ -1628,8 +1683,8 @@ class _lightning_SequenceParallel(torch.autograd.Function):
         kernel_decay = decay.float().contiguous()
         scale = _resolve_scale(ctx.scale, 1.0, D)
         through_outputs = _lightning_outputs_initial_state_grad(
-            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device), scale,
-            flat[3]
+            flat[0], flat[1], flat[2], kernel_decay, _equal_sequence_starts(B, T, q.device),
+            scale, flat[3],
         )
         # 2. Everyone's, and the final-state gradients of every rank (the final state is shared).
         entering_grads = _allgather(through_outputs, ctx.group)
@@ -1643,12 +1698,10 @@ class _lightning_SequenceParallel(torch.autograd.Function):
             grad = entering_grads[source] + totals[source].exp()[..., None, None] * grad
         # 4. One backward of the output pass; dL/d(initial state) counted once, on rank 0.
         needed = [x for x in leaves if x is not None and x.requires_grad]
-        grads = iter(
-            torch.autograd.grad((o, local_final), needed, (do, own_state_grad), allow_unused=True)
-        )
-        dq, dk, dv, ddecay = (
-            next(grads) if x is not None and x.requires_grad else None for x in leaves
-        )
+        grads = iter(torch.autograd.grad((o, local_final), needed, (do, own_state_grad),
+                                         allow_unused=True))
+        dq, dk, dv, ddecay = (next(grads) if x is not None and x.requires_grad else None
+                              for x in leaves)
         dinitial_state = None
         if ctx.has_initial_state:
             dinitial_state = grad if rank == 0 else torch.zeros_like(grad)
@@ -1688,7 +1741,8 @@ def _lightning_k_map_reference(x):
 
 
 def lightning_reference(
-    q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    q, k, v, slope, *, scale=None, initial_state=None, output_final_state=False,
+    cu_seqlens=None,
 ):
     """The same function as `lightning`, in plain PyTorch, for checking: any dtype
     (use float64), any device, O(T²) memory. Written as the masked 'parallel form'
@@ -1712,9 +1766,10 @@ def lightning_reference(
     group = H // k.shape[2]
     if T == 0:  # no tokens: no outputs, and the state is the initial one
         E_state = v.shape[-1] + 0
-        state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(
-            B, H, D, E_state,
-        )
+        if initial_state is not None:
+            state = initial_state.to(q.dtype)
+        else:
+            state = q.new_zeros(B, H, D, E_state)
         return q.new_zeros(B, 0, H, v.shape[-1]), state if output_final_state else None
     if scale is None:
         scale = 1.0
@@ -1735,12 +1790,10 @@ def lightning_reference(
     exponent = exponent.masked_fill(~causal[None, :, :, None], float("-inf"))
     scores = torch.einsum("bthd,bshd->bhts", q, k_finite) * exponent.exp().permute(0, 3, 1, 2)
     cum_end = cum[:, -1]  # [B, H]
-    state = cum_end.exp()[..., None, None] * (
-        initial_state.to(q.dtype) if initial_state is not None else 0.0
-    )
-    state = state + torch.einsum(
-        "bshd,bshe->bhde", k * (cum_end[:, None] - cum).exp()[..., None], v,
-    )
+    start = initial_state.to(q.dtype) if initial_state is not None else 0.0
+    state = cum_end.exp()[..., None, None] * start
+    decayed_k = k * (cum_end[:, None] - cum).exp()[..., None]
+    state = state + torch.einsum("bshd,bshe->bhde", decayed_k, v)
     from_start = q * cum.exp()[..., None]
     o = torch.einsum("bhts,bshe->bthe", scores, v_finite)
     o = torch.where(reached, float("nan"), o)
@@ -1751,7 +1804,8 @@ def lightning_reference(
 
 
 def _lightning_log_decay_reference(x):
-    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the kernels do."""
+    """Raw decay input -> log decay, raised to at least LOG_DECAY_FLOOR (a reset), as the
+    kernels do."""
     g = x
     return torch.where(g < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g)  # NaN stays NaN
 
