@@ -69,14 +69,15 @@ def _moved(tokens: list[_Token], old: str, new: str) -> list[_Token]:
     return [_Token(t.kind, t.text, t.start + shift, t.end + shift) for t in tokens] if shift else tokens
 
 
+def _bracket(tok: _Token) -> int:
+    """+1 for an opening bracket, -1 for a closing one, 0 for any other token."""
+    if tok.kind == tokenize.OP:
+        return (tok.text in _OPEN) - (tok.text in _CLOSE)
+    return 0
+
+
 def _opens_unclosed(tokens: list[_Token]) -> bool:
-    depth = 0
-    for tok in tokens:
-        if tok.kind == tokenize.OP and tok.text in _OPEN:
-            depth += 1
-        elif tok.kind == tokenize.OP and tok.text in _CLOSE:
-            depth -= 1
-    return depth > 0
+    return sum(map(_bracket, tokens)) > 0
 
 
 def _scan(source: str) -> tuple[dict[int, list[_Token]], dict[int, int], set[int]]:
@@ -224,12 +225,9 @@ def _has_top_level(tokens: list[_Token], keyword: str) -> bool:
 def _balanced(tokens: list[_Token]) -> bool:
     depth = 0
     for tok in tokens:
-        if tok.kind == tokenize.OP and tok.text in _OPEN:
-            depth += 1
-        elif tok.kind == tokenize.OP and tok.text in _CLOSE:
-            depth -= 1
-            if depth < 0:
-                return False
+        depth += _bracket(tok)
+        if depth < 0:
+            return False
     return depth == 0
 
 
@@ -237,12 +235,9 @@ def _first_unmatched_close(tokens: list[_Token]) -> int | None:
     """The index of the first closing bracket opened before this line, if any."""
     depth = 0
     for i, tok in enumerate(tokens):
-        if tok.kind == tokenize.OP and tok.text in _OPEN:
-            depth += 1
-        elif tok.kind == tokenize.OP and tok.text in _CLOSE:
-            depth -= 1
-            if depth < 0:
-                return i
+        depth += _bracket(tok)
+        if depth < 0:
+            return i
     return None
 
 
