@@ -25,6 +25,12 @@ SPECS = {
     "per_token": "attention sweep_token {\n    decay = per_token\n    gate = logsigmoid(x)\n}\n",
     "per_channel": "attention sweep_channel {\n    decay = per_channel\n    gate = logsigmoid(x) / 16\n}\n",
     "normalized": "attention sweep_norm {\n    feature_map = elu(x) + 1\n    normalize = true\n    scale = 1.0\n}\n",
+    # The delta rule (update = delta): DeltaNet, Gated DeltaNet and KDA forms.
+    "delta_none": "attention sweep_dnone {\n    update = delta\n    feature_map = l2norm\n    beta = sigmoid(x)\n}\n",
+    "delta_token": "attention sweep_dtoken {\n    update = delta\n    decay = per_token\n"
+    "    gate = -softplus(x)\n    feature_map = l2norm\n    beta = sigmoid(x)\n}\n",
+    "delta_channel": "attention sweep_dchannel {\n    update = delta\n    decay = per_channel\n"
+    "    gate = -softplus(x)\n    feature_map = l2norm\n    beta = sigmoid(x)\n}\n",
 }
 DIMS = [16, 32, 64, 100, 128, 192, 256]
 PAIRS = [(d, d) for d in DIMS] + [(16, 256), (256, 16), (128, 64), (64, 128), (100, 192), (192, 100), (256, 128)]
@@ -53,10 +59,12 @@ def run_case(kind: str, dtype_name: str, D: int, E: int, shape=(2, 333, 4, 2), s
     extra = []
     if kind == "per_head":
         extra = [torch.rand(H, generator=gen) * 0.5 + 0.01]
-    elif kind == "per_token":
+    elif kind.endswith("token"):
         extra = [torch.randn(B, T, H_kv, generator=gen) * 2]
-    elif kind == "per_channel":
+    elif kind.endswith("channel"):
         extra = [torch.randn(B, T, H_kv, D, generator=gen) * 2]
+    if kind.startswith("delta"):
+        extra.append(torch.randn(B, T, H_kv, generator=gen))  # beta's raw input
     E_state = E + 1 if kind == "normalized" else E
     init = torch.randn(B, H, D, E_state, generator=gen)
     ours = [x.to(dev).to(dtype).requires_grad_() for x in (q, k, v)] + [x.to(dev).requires_grad_() for x in extra]
@@ -77,7 +85,9 @@ def run_case(kind: str, dtype_name: str, D: int, E: int, shape=(2, 333, 4, 2), s
         o_r, s_r = reference(*theirs, initial_state=init_theirs, output_final_state=True)
         ((o_r * do.double()).sum() + (s_r * ds.double()).sum()).backward()
         pairs = {"o": (o, o_r), "state": (s, s_r)}
-        for label, a, b in zip(["dq", "dk", "dv", "d_decay"], ours, theirs, strict=False):
+        labels = ["dq", "dk", "dv"] + (["d_decay"] if len(ours) > 3 + kind.startswith("delta") else [])
+        labels += ["d_beta"] if kind.startswith("delta") else []
+        for label, a, b in zip(labels, ours, theirs, strict=True):
             pairs[label] = (a.grad, b.grad)
         pairs["d_init"] = (init_ours.grad, init_theirs.grad)
         errors = {}
@@ -94,10 +104,8 @@ def run_case(kind: str, dtype_name: str, D: int, E: int, shape=(2, 333, 4, 2), s
     return result
 
 
-def _worker(cases, queue):
-    for case in cases:
-        queue.put(run_case(*case))
-    queue.put(None)
+def _run_packed(case):
+    return run_case(*case)
 
 
 def main() -> int:
@@ -110,27 +118,22 @@ def main() -> int:
     args = parser.parse_args()
     pairs = PAIRS if args.pairs is None else [tuple(int(x) for x in p.split(":")) for p in args.pairs.split(",")]
     cases = [(kind, dt, D, E) for kind, dt, (D, E) in itertools.product(args.kinds.split(","), args.dtypes.split(","), pairs)]
+    # One fresh process per case: a launch that faults (an illegal memory access) leaves
+    # its CUDA context unusable, and must not fail the cases after it.
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(cases[i :: args.workers], queue)) for i in range(args.workers)]
-    for w in workers:
-        w.start()
-    results, done = [], 0
+    results = []
     lines = open(args.out + "l", "w")  # one JSON object per case as it finishes (JSON lines)
-    while done < len(workers):
-        item = queue.get()
-        if item is None:
-            done += 1
-            continue
-        results.append(item)
-        lines.write(json.dumps(item) + "\n")
-        lines.flush()
-        errors = item.get("errors", {})
-        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"), default=None)
-        print(f"{item['kind']:12} {item['dtype']} D={item['D']:3} E={item['E']:3} "
-              + (f"FAIL {item['failure'][:120]}" if "failure" in item
-                 else f"worst {worst} {errors[worst]:.1e} first {item['first_call_s']:.1f}s"),
-              flush=True)
+    with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
+        for item in pool.imap_unordered(_run_packed, cases):
+            results.append(item)
+            lines.write(json.dumps(item) + "\n")
+            lines.flush()
+            errors = item.get("errors", {})
+            worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"), default=None)
+            print(f"{item['kind']:13} {item['dtype']} D={item['D']:3} E={item['E']:3} "
+                  + (f"FAIL {item['failure'][:120]}" if "failure" in item
+                     else f"worst {worst} {errors[worst]:.1e} first {item['first_call_s']:.1f}s"),
+                  flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print("\nworst relative error per dtype and output (failures counted apart):")
     for dt in args.dtypes.split(","):

@@ -529,6 +529,36 @@ def test_fullgraph_aot_eager_equals_eager(kind):
         _close(a, e, f"output {i}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Inductor, CUDA graphs)")
+@pytest.mark.parametrize("kind", ["none", "per_token", "per_channel"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_inductor_fullgraph_on_gpu(kind, mode):
+    """Inductor (default, and CUDA graphs), fullgraph=True, bf16 forward and backward with
+    initial states, the final state and a packed batch, against the eager call."""
+    fn, _, _, _ = functions(kind)
+    T, H, D, E = 300, 4, 64, 64
+    inputs = [x.detach().to(torch.bfloat16 if i < 3 else x.dtype).requires_grad_()
+              for i, x in enumerate(call_inputs(kind, 1, T, H, 2, D, E, seed=11))]
+    init = torch.randn(3, H, D, E, device=DEVICE).requires_grad_()
+    kwargs = dict(initial_state=init, output_final_state=True,
+                  cu_seqlens=torch.tensor([0, 100, 100, T], dtype=torch.int32, device=DEVICE))
+    leaves = [*inputs, init]
+    o, state, loss = _run(fn, inputs, **kwargs)
+    expected = (o, state, *torch.autograd.grad(loss, leaves))
+    compiled = torch.compile(fn, fullgraph=True, mode=mode)
+    for _ in range(3):  # reduce-overhead records, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        o, state, loss = _run(compiled, inputs, **kwargs)
+        actual = (o, state, *torch.autograd.grad(loss, leaves))
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        # Inductor may fuse the loss's bf16 arithmetic in float32: a bf16 bound on the
+        # relative norm of the difference.
+        a, e = a.double(), e.double()
+        assert torch.isfinite(a).all(), f"output {i}: not finite"
+        err = ((a - e).norm() / e.norm()).item()
+        assert err < 2e-2, f"output {i}: relative error {err:.2e}"
+
+
 def test_step_compiles_fullgraph():
     _, step, _, _ = functions("per_token")
     values = step_values("per_token", 2, 2, 1, 5, 3, seed=4)

@@ -76,8 +76,14 @@ def _cdiv(a, b):
 
 
 def _precision(dtype):
-    # float32 inputs get full-precision products; bf16/fp16 use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot's input precision. bf16/fp16 use the tensor cores as they are. float32 gets
+    three tf32 products per product ("tf32x3", ~1e-6 relative: float32's accuracy on the
+    tensor cores), or one where the caller allowed tf32 for float32 matrix products
+    (torch.set_float32_matmul_precision("high") or "medium"), as torch.matmul does.
+    ("ieee" products are FMA loops: 80-160 s to compile a module on an H200, and slow.)"""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _kernel_dtype(dtype, device):
@@ -762,7 +768,8 @@ def _gla_fwd_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    dot_dtype = q_ptr.dtype.element_ty
+    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
+    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -787,7 +794,7 @@ def _gla_fwd_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0)
+                    mask=mask_te, other=0.0).to(dot_dtype)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -881,7 +888,8 @@ def _gla_fwd_again_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    dot_dtype = q_ptr.dtype.element_ty
+    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
+    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
 
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
@@ -895,7 +903,7 @@ def _gla_fwd_again_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0)
+                    mask=mask_te, other=0.0).to(dot_dtype)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -955,7 +963,8 @@ def _gla_bwd_dq_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    dot_dtype = q_ptr.dtype.element_ty
+    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
+    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -972,7 +981,7 @@ def _gla_bwd_dq_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0)
+                    mask=mask_te, other=0.0).to(dot_dtype)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -1044,7 +1053,8 @@ def _gla_bwd_dkv_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    dot_dtype = q_ptr.dtype.element_ty
+    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
+    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -1063,7 +1073,9 @@ def _gla_bwd_dkv_kernel(
         x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         q = _gla_q_map(x_q, mask_td)
-        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
+        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0).to(
+            dot_dtype
+        )
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
