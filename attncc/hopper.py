@@ -68,7 +68,7 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     """(label, kernel, constexprs) for the forward (output and state-only) and the two
     backward sweeps of a causal spec's module, as its wrapper launches them."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
-              "PRECISION": "tf32x3" if dtype == "fp32" else "tf32"}
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.per_channel:
         common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16", FAST_PATH=False)
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
@@ -95,7 +95,7 @@ def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: 
     backward kernels and its decoding step (the two sweeps at their narrower value block)."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "CHUNK": config["chunk"], "BLOCK_D": module._block(D),
               "BLOCK_E": min(module._block(E), config["block_e"]), "PER_CHANNEL": plan.per_channel,
-              "PRECISION": "tf32x3" if dtype == "fp32" else "tf32"}
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     sweep = dict(common, BLOCK_E=min(module._block(E), config["sweep_block_e"]))
     kernels = [
         ("fwd wy", "wy_kernel", common),

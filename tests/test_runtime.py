@@ -295,9 +295,9 @@ def test_forward_stores_backward_segment_states_only_when_a_backward_can_follow(
 
 @pytest.mark.parametrize("update", ["additive", "delta"])
 def test_float32_products_follow_torch_matmul_precision(update, monkeypatch):
-    """float32 inputs: tl.dot in tf32x3 (float32's accuracy on the tensor cores) by
-    default, plain tf32 once the caller allows it for float32 matmuls; bf16 inputs tf32.
-    Results stay within the float32 bound of the reference on this device either way."""
+    """float32 inputs: tl.dot at full precision ("ieee") by default, tf32 once the caller
+    allows it for float32 matmuls, as torch.matmul does; bf16 inputs tf32 (their own
+    tensor-core products). Results within the float32 or tf32 bound of the reference."""
     from attncc.ir import UpdateRule
 
     spec = AttentionSpec(f"prec_{update}", decay=Decay.PER_TOKEN, chunk=16, k_map=RowMap(RowMapKind.L2NORM),
@@ -317,46 +317,15 @@ def test_float32_products_follow_torch_matmul_precision(update, monkeypatch):
     expected, _ = reference(*(x.double() for x in (q, k, v, g, *extra)))
     previous = torch.get_float32_matmul_precision()
     try:
-        for setting, wanted in [("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")]:
+        for setting, wanted in [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]:
             torch.set_float32_matmul_precision(setting)
             seen.clear()
             o, _ = fn(q, k, v, g, *extra)
             assert seen and set(seen) <= {wanted, None}, (setting, seen)
-            assert rel_error(o, expected) < (1e-5 if wanted == "tf32x3" or DEVICE == "cpu" else 2e-3)
+            assert rel_error(o, expected) < (1e-5 if wanted == "ieee" or DEVICE == "cpu" else 2e-3)
         if DEVICE == "cuda":  # (on the CPU bf16 runs the float32 kernels)
             seen.clear()
             fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, *extra)
             assert seen and set(seen) <= {"tf32", None}, seen
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-@pytest.mark.parametrize("slope_grad", [True, False])
-def test_per_head_slope_gradient_takes_float32_products(slope_grad, monkeypatch):
-    """The slope's gradient cancels two position-weighted sums, so a backward asked for it
-    runs its products in float32 (tf32x3) on 16-bit inputs; one that is not, in tf32 (the
-    16-bit tensor cores). fp16: the CPU interpreter runs fp16 kernels as they are."""
-    spec = SPECS["per_head"]
-    module = module_for(spec)
-    seen = []
-    launch = module._launch
-
-    def spy(kernel, grid, *args, **meta):
-        seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), meta.get("PRECISION")))
-        return launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(module, "_launch", spy)
-    q, k, v, slope = _inputs(spec, B=1, T=40, H=2, H_kv=2, D=16, E=16, seed=3)
-    leaves = [x.half().requires_grad_() for x in (q, k, v)]
-    slope = slope.requires_grad_(slope_grad)
-    o, _ = getattr(module, spec.name)(*leaves, slope)
-    forward = set(seen)
-    seen.clear()
-    o.float().sum().backward()
-    assert forward and {precision for _, precision in forward} == {"tf32"}
-    backward = {precision for name, precision in seen if "bwd" in name}
-    assert backward == ({"tf32x3"} if slope_grad else {"tf32"}), seen
-    if slope_grad:
-        theirs = [x.detach().double().requires_grad_() for x in (*leaves, slope)]
-        getattr(module, spec.name + "_reference")(*theirs)[0].sum().backward()
-        assert rel_error(slope.grad, theirs[3].grad) < 1e-2

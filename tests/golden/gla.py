@@ -77,13 +77,13 @@ def _cdiv(a, b):
 
 def _precision(dtype):
     """tl.dot's input precision. bf16/fp16 use the tensor cores as they are. float32 gets
-    three tf32 products per product ("tf32x3", ~1e-6 relative: float32's accuracy on the
-    tensor cores), or one where the caller allowed tf32 for float32 matrix products
-    (torch.set_float32_matmul_precision("high") or "medium"), as torch.matmul does.
-    ("ieee" products are FMA loops: 80-160 s to compile a module on an H200, and slow.)"""
+    full-precision products ("ieee"), or tf32 ones where the caller allowed tf32 for float32
+    matrix products (torch.set_float32_matmul_precision("high") or "medium"), as
+    torch.matmul does. (Triton 3.6's "tf32x3" was tried on an H200: wrong gradients at
+    D = 16, illegal memory accesses and shared-memory overflows.)"""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _kernel_dtype(dtype, device):
@@ -768,8 +768,7 @@ def _gla_fwd_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -794,7 +793,7 @@ def _gla_fwd_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -888,8 +887,7 @@ def _gla_fwd_again_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
 
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
@@ -903,7 +901,7 @@ def _gla_fwd_again_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -963,8 +961,7 @@ def _gla_bwd_dq_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -981,7 +978,7 @@ def _gla_bwd_dq_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _gla_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
+                    mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)
@@ -1053,8 +1050,7 @@ def _gla_bwd_dkv_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
     if SPLIT_IN_FP32:
         split_dtype = tl.float32
@@ -1073,9 +1069,7 @@ def _gla_bwd_dkv_kernel(
         x_q = tl.load(q_ptr + ((bos + rows[:, None]) * H + i_h) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         q = _gla_q_map(x_q, mask_td)
-        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0).to(
-            dot_dtype
-        )
+        do = tl.load(_gla_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         x_g = tl.load(decay_ptr + ((bos + rows[:, None]) * HKV + i_hk) * D + offs_d[None, :],
                       mask=mask_td, other=0.0).to(tl.float32)
         g = tl.where(mask_td, _gla_log_decay(x_g), 0.0)

@@ -65,13 +65,13 @@ def _cdiv(a, b):
 
 def _precision(dtype):
     """tl.dot's input precision. bf16/fp16 use the tensor cores as they are. float32 gets
-    three tf32 products per product ("tf32x3", ~1e-6 relative: float32's accuracy on the
-    tensor cores), or one where the caller allowed tf32 for float32 matrix products
-    (torch.set_float32_matmul_precision("high") or "medium"), as torch.matmul does.
-    ("ieee" products are FMA loops: 80-160 s to compile a module on an H200, and slow.)"""
+    full-precision products ("ieee"), or tf32 ones where the caller allowed tf32 for float32
+    matrix products (torch.set_float32_matmul_precision("high") or "medium"), as
+    torch.matmul does. (Triton 3.6's "tf32x3" was tried on an H200: wrong gradients at
+    D = 16, illegal memory accesses and shared-memory overflows.)"""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _kernel_dtype(dtype, device):
@@ -598,8 +598,7 @@ def _lightning_fwd_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)
@@ -628,7 +627,7 @@ def _lightning_fwd_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
         if STORE_OUTPUT:
@@ -670,8 +669,7 @@ def _lightning_fwd_again_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)
@@ -692,7 +690,7 @@ def _lightning_fwd_again_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
+                    mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
         # NaN and inf entries zeroed in the products over pairs, their rows marked afterwards.
@@ -723,8 +721,7 @@ def _lightning_bwd_dq_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)
@@ -745,10 +742,8 @@ def _lightning_bwd_dq_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
-        do = tl.load(
-            _lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0,
-        ).to(dot_dtype)
+                    mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
         dq = _lightning_chunk_dq(
@@ -787,8 +782,7 @@ def _lightning_bwd_dkv_kernel(
     mask_e = offs_e < E
     state_offs = ((i_n * H + i_h) * D + offs_d[:, None]) * E + offs_e[None, :]
     state_mask = mask_d[:, None] & mask_e[None, :]
-    # Operands of tl.dot: the inputs' dtype, or float32 where float32 products are asked for.
-    dot_dtype = tl.float32 if PRECISION == "tf32x3" else q_ptr.dtype.element_ty
+    dot_dtype = q_ptr.dtype.element_ty
     log_decay_h = _lightning_log_decay(-tl.load(decay_ptr + i_h).to(tl.float32))
     # The in-chunk cumulative log decay of any full chunk: no scan per chunk.
     b_full = log_decay_h * (offs_t + 1).to(tl.float32)
@@ -812,10 +806,8 @@ def _lightning_bwd_dkv_kernel(
                       mask=mask_td, other=0.0).to(tl.float32)
         k = _lightning_k_map(x_k, mask_td)
         v = tl.load(v_ptr + ((bos + rows[:, None]) * HKV + i_hk) * E + offs_e[None, :],
-                    mask=mask_te, other=0.0).to(dot_dtype)
-        do = tl.load(
-            _lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0,
-        ).to(dot_dtype)
+                    mask=mask_te, other=0.0)
+        do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
 
@@ -1190,12 +1182,6 @@ def _lightning_backward(
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _lightning_launch_args(q, k, v, config, _block(E), backward=True)
-    if needs_decay_grad:
-        # The slope's gradient is a difference of two position-weighted sums (of q ⊙ dq and
-        # k ⊙ dk) that cancel to 1/(T (1 - decay)) of their size; dq and dk from bf16
-        # products left it off by up to 0.9 (H200, D = 256). float32 products (tf32x3) for
-        # this backward keep it at float32's accuracy.
-        launch["PRECISION"] = "tf32x3"
     segments = None
     if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
         _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
