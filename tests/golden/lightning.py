@@ -64,14 +64,8 @@ def _cdiv(a, b):
 
 
 def _precision(dtype):
-    """tl.dot's input precision. bf16/fp16 use the tensor cores as they are. float32 gets
-    full-precision products ("ieee"), or tf32 ones where the caller allowed tf32 for float32
-    matrix products (torch.set_float32_matmul_precision("high") or "medium"), as
-    torch.matmul does. (Triton 3.6's "tf32x3" was tried on an H200: wrong gradients at
-    D = 16, illegal memory accesses and shared-memory overflows.)"""
-    if dtype != torch.float32:
-        return "tf32"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # float32 inputs get full-precision products; bf16/fp16 use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _kernel_dtype(dtype, device):
