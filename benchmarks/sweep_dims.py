@@ -56,15 +56,17 @@ def run_case(kind: str, dtype_name: str, D: int, E: int, shape=(2, 333, 4, 2), s
     fn, reference = getattr(module, name), getattr(module, f"{name}_reference")
     gen = torch.Generator().manual_seed(seed + D * 1000 + E)
     q, k, v = (torch.randn(B, T, h, d, generator=gen) for h, d in ((H, D), (H_kv, D), (H_kv, E)))
-    extra = []
+    extra, labels = [], ["dq", "dk", "dv"]  # the inputs after q, k, v, and their gradients' names
     if kind == "per_head":
         extra = [torch.rand(H, generator=gen) * 0.5 + 0.01]
     elif kind.endswith("token"):
         extra = [torch.randn(B, T, H_kv, generator=gen) * 2]
     elif kind.endswith("channel"):
         extra = [torch.randn(B, T, H_kv, D, generator=gen) * 2]
+    labels += ["d_decay"] * len(extra)
     if kind.startswith("delta"):
         extra.append(torch.randn(B, T, H_kv, generator=gen))  # beta's raw input
+        labels.append("d_beta")
     E_state = E + 1 if kind == "normalized" else E
     init = torch.randn(B, H, D, E_state, generator=gen)
     ours = [x.to(dev).to(dtype).requires_grad_() for x in (q, k, v)] + [x.to(dev).requires_grad_() for x in extra]
@@ -85,8 +87,6 @@ def run_case(kind: str, dtype_name: str, D: int, E: int, shape=(2, 333, 4, 2), s
         o_r, s_r = reference(*theirs, initial_state=init_theirs, output_final_state=True)
         ((o_r * do.double()).sum() + (s_r * ds.double()).sum()).backward()
         pairs = {"o": (o, o_r), "state": (s, s_r)}
-        labels = ["dq", "dk", "dv"] + (["d_decay"] if len(ours) > 3 + kind.startswith("delta") else [])
-        labels += ["d_beta"] if kind.startswith("delta") else []
         for label, a, b in zip(labels, ours, theirs, strict=True):
             pairs[label] = (a.grad, b.grad)
         pairs["d_init"] = (init_ours.grad, init_theirs.grad)

@@ -40,6 +40,17 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-2)
     return ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
 
 
+
+def assert_compiled_matches_eager(actual, expected, bound: float = 2e-2) -> None:
+    """Outputs and gradients of a compiled bf16 call against the eager call: each finite and
+    within `bound` in relative norm (Inductor may fuse the loss's bf16 arithmetic in
+    float32, so the two differ by bf16 rounding, not bitwise)."""
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        a, e = a.double(), e.double()
+        assert torch.isfinite(a).all(), f"output {i}: not finite"
+        err = ((a - e).norm() / e.norm()).item()
+        assert err < bound, f"output {i}: relative error {err:.2e}"
+
 def decay_input(spec: AttentionSpec, B: int, T: int, H: int, H_kv: int, D: int, gen, extreme=False):
     """A fresh decay argument for spec, or None."""
     if spec.decay is Decay.PER_HEAD:
