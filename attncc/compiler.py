@@ -56,6 +56,7 @@ LAUNCH_KEYS: dict[str, tuple] = {
     # 16-wide value blocks in the delta rule's sweeps hit an illegal memory access on an H200
     # (Triton 3.6; the interpreter computes them right): refused until that is understood.
     "sweep_block_e": _power_of_two(32, 256),
+    "bwd_block_e": _power_of_two(16, 256),  # the delta rule's backward chunk kernel
     "num_warps": _power_of_two(1, 32),
     "sweep_num_warps": _power_of_two(1, 32),
     "bwd_num_warps": _power_of_two(1, 32),
@@ -68,8 +69,8 @@ LAUNCH_KEYS: dict[str, tuple] = {
 BOOLEAN_KEYS = ("narrow_block_e",)
 # A delta-rule block (`update = delta`, templates/delta/launch.py.j2) launches with these alone:
 # its backward reuses the forward's chunk, and it has no narrow blocks or sequence segments.
-DELTA_LAUNCH_KEYS = ("chunk", "block_e", "sweep_block_e", "num_warps", "num_stages", "sweep_num_warps",
-                     "sweep_num_stages", "bwd_num_warps", "bwd_num_stages")
+DELTA_LAUNCH_KEYS = ("chunk", "block_e", "sweep_block_e", "bwd_block_e", "num_warps", "num_stages",
+                     "sweep_num_warps", "sweep_num_stages", "bwd_num_warps", "bwd_num_stages")
 NULLABLE_KEYS = ("segment", "bwd_segment")
 MAX_HEAD_DIM = 256
 

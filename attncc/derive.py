@@ -48,6 +48,7 @@ class LaunchDefaults:
     bwd_num_warps: int  # the backward kernels hold a whole D x E fp32 state: 4 warps spill
     num_stages: int  # software-pipeline depth of the chunk loops (Triton's num_stages)
     bwd_num_stages: int
+    wide_key_chunk: int | None = None  # the chunk where D > 128 (None: `chunk`)
 
 
 # Picked from sweeps on an H100 at (B, T) = (2, 4096) and (1, 16384), H = 16, D = E = 128
@@ -71,10 +72,13 @@ LAUNCH_DEFAULTS = {
 # than on 8 at (2, 4096, 16, 128) bf16 on an H200 (0.37 vs 0.46 ms and 0.30 vs 0.35 ms), its
 # sweeps and backward kernels slower (templates/delta/launch.py.j2 keeps 8 for the sweeps);
 # per channel, with more live per-channel factors, the 4-warp case was not measured: 8.
+# At D > 128 the backward's chunk kernel holds [chunk, D] fp32 tiles (dW, dQ, dK̄ and their
+# inputs) in shared memory: at chunk 64 it asked for 254-360 KB at D = 192 and 256 on an H200
+# (227 KB there); at chunk 32 it fits (ptxas for sm_90a: 135 KB, per channel 98 KB).
 DELTA_LAUNCH_DEFAULTS = {
     decay: LaunchDefaults(chunk=64, bwd_chunk=64, block_e=64, narrow_block_e=False,
                           num_warps=8 if decay is Decay.PER_CHANNEL else 4, bwd_num_warps=8, num_stages=1,
-                          bwd_num_stages=1)
+                          bwd_num_stages=1, wide_key_chunk=32)
     for decay in Decay
 }
 
@@ -165,6 +169,9 @@ class KernelPlan:
     decay: Decay
     causal: bool
     chunk: int
+    # The chunk at keys wider than 128 (D > 128), where the delta rule's backward holds its
+    # [chunk, D] fp32 tiles in shared memory: 32 unless the spec fixes the chunk.
+    wide_key_chunk: int
     scale: float | None  # None: 1/sqrt(D) at call time
     normalize: bool
     q_map: MapPlan
@@ -260,6 +267,7 @@ def plan(spec: AttentionSpec) -> KernelPlan:
         decay=spec.decay,
         causal=spec.causal,
         chunk=spec.chunk or defaults.chunk,
+        wide_key_chunk=spec.chunk or defaults.wide_key_chunk or defaults.chunk,
         bwd_chunk=defaults.bwd_chunk,
         block_e=defaults.block_e,
         narrow_block_e=defaults.narrow_block_e,

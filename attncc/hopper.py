@@ -90,20 +90,45 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
 
 
-def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
-    """(label, kernel, constexprs) for the delta rule's three forward kernels, its three
-    backward kernels and its decoding step (the two sweeps at their narrower value block)."""
-    common = {"H": 4, "HKV": 4, "D": D, "E": E, "CHUNK": config["chunk"], "BLOCK_D": module._block(D),
-              "BLOCK_E": min(module._block(E), config["block_e"]), "PER_CHANNEL": plan.per_channel,
-              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    sweep = dict(common, BLOCK_E=min(module._block(E), config["sweep_block_e"]))
+# The most shared memory one block may take on an H100 or H200 (227 KB, the opt-in limit
+# Triton checks a launch against).
+HOPPER_SHARED_MEMORY = 232448
+
+
+def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str,
+                  config: dict | None = None) -> list[tuple[str, object, dict, int, int]]:
+    """(label, kernel, constexprs, num_warps, num_stages) for the delta rule's three forward
+    kernels, its backward kernels and its decoding step, with the constexprs the module's
+    own launch helper gives at these head dims (tensors on the meta device stand in for
+    the inputs); `config` replaces the module's defaults (`_NAME_config`)."""
+    import torch
+
+    name = plan.name
+    config = config or getattr(module, f"_{name}_config")(D, E)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    q = torch.empty(1, 4, D, dtype=torch_dtype, device="meta")
+    v = torch.empty(1, 4, E, dtype=torch_dtype, device="meta")
+    launch_args = getattr(module, f"_{name}_launch_args")
+
+    def group(**kinds):
+        args = launch_args(q, v, 4, config, **kinds)
+        return args, args.pop("num_warps"), args.pop("num_stages")
+
+    common, warps, stages = group()
+    sweep, sweep_warps, sweep_stages = group(sweep=True)
+    backward, bwd_warps, bwd_stages = group(backward=True)
+    bwd_sweep, bwd_sweep_warps, bwd_sweep_stages = group(backward=True, sweep=True)
+    step = {key: common[key] for key in ("H", "HKV", "D", "E", "BLOCK_D", "BLOCK_E")}
     kernels = [
-        ("fwd wy", "wy_kernel", common),
-        ("fwd state sweep", "state_kernel", dict(sweep, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
-        ("fwd output", "output_kernel", dict(common, STORE_SCORES=True)),
-        ("bwd local", "bwd_local_kernel", common),
-        ("bwd state sweep", "bwd_state_kernel", dict(sweep, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True)),
-        ("bwd chunks", "bwd_chunk_kernel", dict(common, STORE_DDECAY=plan.has_decay)),
-        ("step", "step_kernel", {key: common[key] for key in ("H", "HKV", "D", "E", "BLOCK_D", "BLOCK_E")}),
+        ("fwd wy", "wy_kernel", common, warps, stages),
+        ("fwd state sweep", "state_kernel", dict(sweep, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True),
+         sweep_warps, sweep_stages),
+        ("fwd output", "output_kernel", dict(common, STORE_SCORES=True), warps, stages),
+        ("bwd local", "bwd_local_kernel", backward, bwd_warps, bwd_stages),
+        ("bwd state sweep", "bwd_state_kernel", dict(bwd_sweep, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=True),
+         bwd_sweep_warps, bwd_sweep_stages),
+        ("bwd chunks", "bwd_chunk_kernel", dict(backward, STORE_DDECAY=plan.has_decay), bwd_warps, bwd_stages),
+        ("step", "step_kernel", dict(step, BLOCK_E=min(module._block(E), 64)), 4, 3),  # Triton's defaults
     ]
-    return [(label, getattr(module, f"_{plan.name}_{name}"), constexprs) for label, name, constexprs in kernels]
+    return [(label, getattr(module, f"_{name}_{kernel}"), constexprs, num_warps, num_stages)
+            for label, kernel, constexprs, num_warps, num_stages in kernels]

@@ -5,8 +5,8 @@ pipeline stages, and tokens per segment), each step keeping the best so far,
 so a full sweep costs one timed configuration per value listed in SEARCH_SPACE
 (fewer where a value repeats the best so far) rather than the product of all
 choices. It starts from the generated module's defaults and sweeps only the keys those
-defaults have: a delta-rule module (`update = delta`) launches with chunk, block_e and
-sweep_block_e, and warps and stages for each of its three kernel groups (chunk-parallel
+defaults have: a delta-rule module (`update = delta`) launches with chunk, block_e,
+sweep_block_e and bwd_block_e, and warps and stages for each of its three kernel groups (chunk-parallel
 forward, sequential sweeps, chunk-parallel backward; its backward reuses the forward's
 chunk; it has no narrow blocks or sequence segments). Each configuration is timed
 forward+backward (the training step) with `triton.testing.do_bench` medians on fresh random
@@ -31,6 +31,7 @@ SEARCH_SPACE = {
     "bwd_chunk": [16, 32, 64],
     "block_e": [32, 64, 128],
     "sweep_block_e": [32, 64],  # 16 crashed on the H200 (attncc.compiler.LAUNCH_KEYS)
+    "bwd_block_e": [32, 64],
     "narrow_block_e": [True, False],
     "num_warps": [4, 8],
     "bwd_num_warps": [4, 8],

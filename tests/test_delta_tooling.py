@@ -229,8 +229,8 @@ def test_tune_sweeps_only_the_delta_config_keys(monkeypatch):
                                                "narrow_block_e": [True], "segment": [256], "num_warps": [4]})
     results = tune.sweep(module, spec, (1, 16, 2, 8), torch.float32, device="cpu")
     defaults = module._tn_config(8, 8)
-    assert set(defaults) == {"chunk", "block_e", "sweep_block_e", "num_warps", "num_stages", "sweep_num_warps",
-                             "sweep_num_stages", "bwd_num_warps", "bwd_num_stages"}
+    assert set(defaults) == {"chunk", "block_e", "sweep_block_e", "bwd_block_e", "num_warps", "num_stages",
+                             "sweep_num_warps", "sweep_num_stages", "bwd_num_warps", "bwd_num_stages"}
     assert seen and all(set(config) == set(defaults) for config in seen)
     assert all(config["chunk"] == 16 for config in seen)  # fixed by the spec
     ms, best = results[0]
