@@ -70,19 +70,22 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if plan.per_channel:
-        common.update(SUB=16, SPLIT_IN_FP32=dtype == "fp16", FAST_PATH=False)
+        common.update(SUB=16, SPLIT_DTYPE="fp32" if dtype == "fp16" else "input", FAST_PATH=False)
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
+    # The decay gradient's precise path (the backward takes it where its tiles fit).
+    precise_db = plan.has_decay and not plan.per_channel and module._block(D) * module._block(E) <= 128 * 128
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True,
                                              STORE_SEGMENT_STATES=True)),
         ("fwd (state only)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=True,
                                                  STORE_OUTPUT=False, STORE_SEGMENT_STATES=False)),
-        ("bwd dq", "bwd_dq_kernel", dict(backward, HAS_INITIAL_STATE=True, STORE_DB=plan.data_dependent)),
+        ("bwd dq", "bwd_dq_kernel", dict(backward, HAS_INITIAL_STATE=True, STORE_DB=plan.has_decay,
+                                         PRECISE_DB=precise_db)),
         ("bwd dk dv", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=True, STORE_DINITIAL_STATE=False,
-                                             STORE_DB=plan.data_dependent, STATE_ONLY=False)),
+                                             STORE_DB=plan.has_decay, PRECISE_DB=precise_db, STATE_ONLY=False)),
         ("bwd dk dv (state only)", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True,
-                                                          STORE_DB=False, STATE_ONLY=True)),
+                                                          STORE_DB=False, PRECISE_DB=False, STATE_ONLY=True)),
     ]
     if plan.per_channel:  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))

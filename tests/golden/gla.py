@@ -736,7 +736,7 @@ def _gla_fwd_kernel(
     exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_OUTPUT: tl.constexpr,
     STORE_SEGMENT_STATES: tl.constexpr,
 ):
@@ -764,8 +764,10 @@ def _gla_fwd_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
+    if SPLIT_DTYPE == "fp32":
         split_dtype = tl.float32
+    elif SPLIT_DTYPE == "bf16":
+        split_dtype = tl.bfloat16
 
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
@@ -857,7 +859,7 @@ def _gla_fwd_again_kernel(
     exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
 ):
     """Launched after each _gla_fwd_kernel that stores outputs, on the same grid: a
@@ -938,8 +940,8 @@ def _gla_bwd_dq_kernel(
     exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr, PRECISE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
     # Launched on both paths: the one the decays do not allow returns.
@@ -957,8 +959,10 @@ def _gla_bwd_dq_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
+    if SPLIT_DTYPE == "fp32":
         split_dtype = tl.float32
+    elif SPLIT_DTYPE == "bf16":
+        split_dtype = tl.bfloat16
 
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
@@ -1022,9 +1026,9 @@ def _gla_bwd_dkv_kernel(
     dfinal_state_ptr, dinitial_state_ptr, exact_path_ptr, cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    SUB: tl.constexpr, SPLIT_IN_FP32: tl.constexpr, FAST_PATH: tl.constexpr,
+    SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
-    STATE_ONLY: tl.constexpr,
+    PRECISE_DB: tl.constexpr, STATE_ONLY: tl.constexpr,
 ):
     """dk and dv (per query head), sweeping backward and carrying dL/dS.
 
@@ -1046,8 +1050,10 @@ def _gla_bwd_dkv_kernel(
     state_mask = mask_d[:, None] & mask_e[None, :]
     dot_dtype = q_ptr.dtype.element_ty
     split_dtype = dot_dtype  # of products split at the chunk start (the per-channel fast path)
-    if SPLIT_IN_FP32:
+    if SPLIT_DTYPE == "fp32":
         split_dtype = tl.float32
+    elif SPLIT_DTYPE == "bf16":
+        split_dtype = tl.bfloat16
 
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
@@ -1345,8 +1351,19 @@ def _gla_launch_args(q, k, v, config, block_e, backward=False):
         num_warps=config["bwd_num_warps" if backward else "num_warps"],
         num_stages=config["bwd_num_stages" if backward else "num_stages"],
         # FAST_PATH: see _gla_launch_on_both_paths
-        SUB=16, SPLIT_IN_FP32=q.dtype == torch.float16, FAST_PATH=False,
+        SUB=16, SPLIT_DTYPE=_gla_split_dtype(q, D, block_e), FAST_PATH=False,
     )
+
+
+def _gla_split_dtype(q, D, block_e):
+    """Operands of the fast path's products split at the chunk start, whose factors reach
+    e^±40: the inputs' dtype, but fp16 lacks that range, so fp32 there ("fp32"), or bf16
+    (fp32's range) on a GPU where an fp32 [D, E] state tile would pass 128 KB: at D = E = 256
+    the backward asked for 296 KB of shared memory on an H200 (227 KB there). The
+    interpreter keeps fp32 (its bf16 products are wrong, and it has no shared memory)."""
+    if q.dtype != torch.float16:
+        return "input"
+    return "bf16" if q.is_cuda and _block(D) * block_e * 4 > 128 * 1024 else "fp32"
 
 
 def _gla_backward_segment_length(config, longest, rows, device):
@@ -1456,7 +1473,8 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
         dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
         exact_path_ptr=None,
         cu_seqlens=cu_seqlens, scale=scale,
-        HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+        HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
+        STATE_ONLY=True,
         **_gla_launch_args(q, k, v, config, _block(E), backward=True),
     )
     return dinitial_state
@@ -1574,6 +1592,10 @@ def _gla_backward(
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
+    # A scalar decay's gradient from pairs taken alike on both sides (see _gla_chunk_dq),
+    # where its extra tiles fit: at D = E = 256 the kernels asked for 287 KB of shared
+    # memory on an H200 (227 KB there), so wider heads keep φq ⊙ dq - φk ⊙ dk as computed.
+    precise_db = needs_decay_grad and not True and _block(D) * _block(E) <= 128 * 128
     segments = None
     if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
         _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
@@ -1602,7 +1624,8 @@ def _gla_backward(
             dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             exact_path_ptr=None,
             cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
+            STATE_ONLY=True,
             **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
@@ -1623,7 +1646,7 @@ def _gla_backward(
         exact_path_ptr=exact_path,
         cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None,
-        STORE_DB=needs_decay_grad, **launch,
+        STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, **launch,
     )
     _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
@@ -1633,7 +1656,8 @@ def _gla_backward(
         cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None,
         STORE_DINITIAL_STATE=segments is None and initial_state is not None,
-        STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
+        STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, STATE_ONLY=False,
+        **launch,
     )
     if group > 1:
         dk = dk.view(N, H_kv, group, D).sum(2).to(k.dtype)

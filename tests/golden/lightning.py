@@ -525,44 +525,85 @@ def _lightning_chunk_output(
 
 
 @triton.jit
+def _lightning_product_fp32_transposed(a, b, dot_dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ bᵀ for a in dot_dtype and an fp32 b, near fp32's accuracy with 16-bit operands:
+    b's 16-bit part and its rounding error go in as two products (split before the
+    transpose, which then moves 16-bit tiles through shared memory, not an fp32 one)."""
+    if dot_dtype == tl.float32:
+        return tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    else:
+        high = b.to(dot_dtype)
+        low = (b - high.to(tl.float32)).to(dot_dtype)
+        return (tl.dot(a, tl.trans(high), input_precision=PRECISION)
+                + tl.dot(a, tl.trans(low), input_precision=PRECISION))
+
+
+@triton.jit
 def _lightning_chunk_dq(
-    do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype: tl.constexpr,
-    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+    q, do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr, PRECISE_DB: tl.constexpr,
 ):
-    """d(loss)/d(φq) of the chunk: through the pairs within it (without the pair (t, t) when
-    DROP_DIAGONAL) and through the state carried in."""
+    """(dq, db): d(loss)/d(φq) of the chunk, through the pairs within it (without the pair
+    (t, t) when DROP_DIAGONAL) and through the state carried in; with PRECISE_DB also db,
+    the state's pairs' share of φq ⊙ dq in the decay gradient (else 0), see below."""
     dscores = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     dscores = tl.where(causal, dscores * pair, 0.0)
     if DROP_DIAGONAL:
         dscores = tl.where(offs_t[:, None] > offs_t[None, :], dscores, 0.0)
     dq = tl.dot(dscores.to(dot_dtype), k.to(dot_dtype), input_precision=PRECISION)
-    dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
+    db = 0.0
+    if PRECISE_DB:
+        # The decay gradient is a difference of two shares, φq ⊙ dq - φk ⊙ dk, summed by
+        # position: it cancels to about 1/(T (1 - decay)) of their size, so each pair (s, t)
+        # must enter both alike. A pair across chunks is taken here and in the dk kernel from
+        # the same rounded operands (φq ⊙ exp(b) and φk ⊙ exp(b_last - b) as the state
+        # sweeps round them) with the state's products near fp32 accuracy; the pairs within
+        # a chunk, from one product in the dk kernel. Read off 16-bit products instead, the
+        # slope's gradient was off by up to 0.9 on an H200 (D = 256, E = 16), a per-token
+        # decay's by 0.085 (D = E = 256).
+        dq_from_start = _lightning_product_fp32_transposed(do, state, dot_dtype, PRECISION)
+        q_from_start = (q * tl.exp(b[:, None])).to(dot_dtype).to(tl.float32)
+        db = scale * tl.sum(q_from_start * dq_from_start, axis=1)
+    else:
+        dq_from_start = tl.dot(do, tl.trans(state.to(dot_dtype)), input_precision=PRECISION)
     dq += dq_from_start * tl.exp(b[:, None])
-    return dq * scale
+    return dq * scale, db
 
 
 @triton.jit
 def _lightning_chunk_dkv(
     q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype: tl.constexpr,
-    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr,
+    PRECISION: tl.constexpr, DROP_DIAGONAL: tl.constexpr, PRECISE_DB: tl.constexpr,
 ):
-    """d(loss)/d(φk) and d(loss)/dv of the chunk (key rows s, query columns t >= s): through
-    the pairs within it (the pair (t, t) apart in dk when DROP_DIAGONAL) and through the
-    state, which carries its keys and values to later chunks (dstate: dL/dS at its end)."""
-    scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
+    """(dk, dv, db): d(loss)/d(φk) and d(loss)/dv of the chunk (key rows s, query columns
+    t >= s), through the pairs within it (the pair (t, t) apart in dk when DROP_DIAGONAL)
+    and through the state, which carries its keys and values to later chunks (dstate: dL/dS
+    at its end); with PRECISE_DB also db: φk ⊙ dk less the in-chunk pairs' φq ⊙ dq (so that
+    the dq kernel's db holds the state's pairs alone), else 0. See _lightning_chunk_dq."""
+    raw_scores_t = tl.dot(k.to(dot_dtype), tl.trans(q.to(dot_dtype)), input_precision=PRECISION)
     dscores_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    scores_t = tl.where(anticausal, scores_t * pair, 0.0)
+    scores_t = tl.where(anticausal, raw_scores_t * pair, 0.0)
     dscores_t = tl.where(anticausal, dscores_t * pair, 0.0)
     if DROP_DIAGONAL:
         dscores_t = tl.where(offs_t[:, None] < offs_t[None, :], dscores_t, 0.0)
     dv = tl.dot(scores_t.to(dot_dtype), do, input_precision=PRECISION)
     dk = tl.dot(dscores_t.to(dot_dtype), q.to(dot_dtype), input_precision=PRECISION)
-    dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
     to_end = tl.exp(b_last - b[:, None])
     k_to_end = (k * to_end).to(dot_dtype)
     dv_via_state = tl.dot(k_to_end, dstate.to(dot_dtype), input_precision=PRECISION)
+    db = 0.0
+    if PRECISE_DB:
+        dk_via_state = _lightning_product_fp32_transposed(v, dstate, dot_dtype, PRECISION)
+        # Each in-chunk pair's term (row s, column t > s): in φk_s · dk_s and in φq_t · dq_t.
+        pair_terms = tl.where(
+            anticausal & (offs_t[:, None] < offs_t[None, :]), raw_scores_t * dscores_t, 0.0,
+        )
+        db = (scale * (tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0))
+              + tl.sum(k_to_end.to(tl.float32) * dk_via_state, axis=1))
+    else:
+        dk_via_state = tl.dot(v, tl.trans(dstate.to(dot_dtype)), input_precision=PRECISION)
     dk = dk * scale + dk_via_state * to_end
-    return dk, dv * scale + dv_via_state
+    return dk, dv * scale + dv_via_state, db
 
 
 @triton.jit
@@ -704,7 +745,7 @@ def _lightning_bwd_dq_kernel(
     cu_seqlens, scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr, PRECISE_DB: tl.constexpr,
 ):
     """dq, sweeping forward through the chunks and rebuilding the state as it goes."""
     i_e, i_n, i_h, i_hk, bos, seq_len = _lightning_program(cu_seqlens, H, HKV)
@@ -740,13 +781,16 @@ def _lightning_bwd_dq_kernel(
         do = tl.load(_lightning_at(do_ptr, bos, rows, i_h, offs_e, H, E), mask=mask_te, other=0.0)
         b_last = log_decay_h * tl.minimum(seq_len - start, BLOCK_T)
         b = tl.where(mask_t, b_full, b_last)
-        dq = _lightning_chunk_dq(
-            do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype, PRECISION, STORE_DB)
+        dq, db = _lightning_chunk_dq(
+            q, do, k, v, state, b, pair, causal, offs_t, scale, dot_dtype, PRECISION, STORE_DB,
+            PRECISE_DB)
         if STORE_DB:  # q ⊙ dq: this position's share of the decay gradient
             # Without the pair (t, t): it adds scale (q_t·k_t)(do_t·v_t) to q ⊙ dq and to k ⊙ dk
             # alike, which cancel in the decay gradient only up to rounding, and for fast
             # decays that rounding would be all of it. Added to dq afterwards.
-            tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(q * dq, axis=1), mask=mask_t)
+            if not PRECISE_DB:
+                db = tl.sum(q * dq, axis=1)
+            tl.store(db_ptr + (bos + rows) * H + i_h, db, mask=mask_t)
             dq += scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)[:, None] * k
         dx_q = _lightning_q_map_backward(x_q, q, dq, mask_td)
         tl.store(_lightning_at(dq_ptr, bos, rows, i_h, offs_d, H, D),
@@ -761,7 +805,7 @@ def _lightning_bwd_dkv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     HAS_DFINAL_STATE: tl.constexpr, STORE_DINITIAL_STATE: tl.constexpr, STORE_DB: tl.constexpr,
-    STATE_ONLY: tl.constexpr,
+    PRECISE_DB: tl.constexpr, STATE_ONLY: tl.constexpr,
 ):
     """dk and dv (per query head), sweeping backward and carrying dL/dS.
 
@@ -806,13 +850,15 @@ def _lightning_bwd_dkv_kernel(
         b = tl.where(mask_t, b_full, b_last)
 
         if not STATE_ONLY:
-            dk, dv = _lightning_chunk_dkv(
+            dk, dv, db = _lightning_chunk_dkv(
                 q, k, v, do, dstate, b, b_last, pair, anticausal, offs_t, scale, dot_dtype,
-                PRECISION, STORE_DB)
+                PRECISION, STORE_DB, PRECISE_DB)
         dstate = _lightning_carry_dstate(dstate, q, do, b, b_last, scale, dot_dtype, PRECISION)
         if not STATE_ONLY:
             if STORE_DB:  # k ⊙ dk, the other share of the decay gradient
-                tl.store(db_ptr + (bos + rows) * H + i_h, tl.sum(k * dk, axis=1), mask=mask_t)
+                if not PRECISE_DB:
+                    db = tl.sum(k * dk, axis=1)
+                tl.store(db_ptr + (bos + rows) * H + i_h, db, mask=mask_t)
                 # The pair (t, t), left out of the decay gradient as in the dq kernel.
                 dk += scale * tl.sum(v.to(tl.float32) * do.to(tl.float32), axis=1)[:, None] * q
             dx_k = _lightning_k_map_backward(x_k, k, dk, mask_td)
@@ -1061,7 +1107,8 @@ def _lightning_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do)
         decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
         dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
         cu_seqlens=cu_seqlens, scale=scale,
-        HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+        HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
+        STATE_ONLY=True,
         **_lightning_launch_args(q, k, v, config, _block(E), backward=True),
     )
     return dinitial_state
@@ -1176,6 +1223,10 @@ def _lightning_backward(
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _lightning_launch_args(q, k, v, config, _block(E), backward=True)
+    # A scalar decay's gradient from pairs taken alike on both sides (see _lightning_chunk_dq),
+    # where its extra tiles fit: at D = E = 256 the kernels asked for 287 KB of shared
+    # memory on an H200 (227 KB there), so wider heads keep φq ⊙ dq - φk ⊙ dk as computed.
+    precise_db = needs_decay_grad and not False and _block(D) * _block(E) <= 128 * 128
     segments = None
     if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
         _, _, saved_len = _lightning_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
@@ -1203,7 +1254,8 @@ def _lightning_backward(
             decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
             dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             cu_seqlens=seq_cu, scale=scale,
-            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, STATE_ONLY=True,
+            HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
+            STATE_ONLY=True,
             **launch,
         )
         seq_dfinal = torch.empty_like(dlocal)
@@ -1223,7 +1275,7 @@ def _lightning_backward(
         initial_state_ptr=seq_init,
         cu_seqlens=seq_cu, scale=scale,
         HAS_INITIAL_STATE=seq_init is not None,
-        STORE_DB=needs_decay_grad, **launch,
+        STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, **launch,
     )
     _launch(_lightning_bwd_dkv_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
@@ -1232,7 +1284,8 @@ def _lightning_backward(
         cu_seqlens=seq_cu, scale=scale,
         HAS_DFINAL_STATE=seq_dfinal is not None,
         STORE_DINITIAL_STATE=segments is None and initial_state is not None,
-        STORE_DB=needs_decay_grad, STATE_ONLY=False, **launch,
+        STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, STATE_ONLY=False,
+        **launch,
     )
     if group > 1:
         dk = dk.view(N, H_kv, group, D).sum(2).to(k.dtype)
