@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,8 +237,11 @@ def test_launch_falls_back_to_smaller_chunks_when_one_stage_does_not_fit():
     assert tried == [(2, 128), (1, 128), (1, 64), (1, 32)]
     module._launch(kernel, (4,), x, num_stages=2, BLOCK_T=128, D=256)
     assert tried[4:] == [(1, 32)]  # remembered
-    with pytest.raises(triton.runtime.errors.OutOfResources):
+    with pytest.raises(triton.runtime.errors.OutOfResources) as raised:
         module._launch(kernel_fitting_at(8), (1,), x, num_stages=1, BLOCK_T=32, D=256)
+    if sys.version_info >= (3, 11):  # the note says what was tried and what may fit
+        (note,) = raised.value.__notes__
+        assert "BLOCK_T = 16" in note and "num_stages = 1" in note and "chunk = auto" in note
 
 
 def test_what_fits_is_remembered_whatever_the_runtime_arguments():

@@ -222,15 +222,30 @@ def _launch(kernel, grid, *args, **meta):
     while True:
         try:
             return kernel[grid](*args, **meta)
-        except triton.runtime.errors.OutOfResources:
+        except triton.runtime.errors.OutOfResources as error:
             key = key or _launch_key(kernel, args, meta)
             if meta["num_stages"] > 1:
                 meta["num_stages"] -= 1
             elif meta.get("BLOCK_T", 16) > 16:
                 meta["BLOCK_T"] //= 2
             else:
+                _explain_out_of_resources(error, kernel, meta)
                 raise
             _WHAT_FITS[key] = (meta["num_stages"], meta.get("BLOCK_T"))
+
+
+def _explain_out_of_resources(error, kernel, meta):
+    """Beside Triton's message, what was tried and what a user can change (a note: Python
+    3.11 and later print it under the error)."""
+    tiles = ", ".join(f"{key} = {meta[key]}" for key in ("CHUNK", "BLOCK_T", "BLOCK_D", "BLOCK_E", "num_warps",
+                                                      "num_stages") if key in meta)
+    if hasattr(error, "add_note"):
+        error.add_note(
+            f"attncc: {getattr(kernel, '__name__', 'a kernel')} ({tiles}) needs more than this GPU gives one "
+            "block, also at one pipeline stage and the smallest chunk the launch may take. A smaller chunk "
+            "in the spec (or `chunk = auto`), or a tuned config (`attncc tune`) with narrower value blocks "
+            "(block_e, sweep_block_e, bwd_block_e), may fit."
+        )
 
 
 def _launch_key(kernel, args, meta):
