@@ -225,9 +225,17 @@ def _compile(source: str, filename: str, header_name: str, tuned_configs: dict |
     return render_module(specs, source, header_name, configs)
 
 
+def _additive_lacks(key: str) -> str:
+    """Why an additive block has no use for a delta-only launch key."""
+    if key == "bwd_block_e":
+        return "its backward takes the whole value dim in one block"
+    return "it has no sequential sweeps"
+
+
 def _check_delta_configs(specs, configs: dict, filename: str) -> None:
     """Each block's tuned config holds only the launch parameters its family has: a delta-rule
-    block only DELTA_LAUNCH_KEYS, an additive block none of the delta-only keys (sweep_*).
+    block only DELTA_LAUNCH_KEYS, an additive block none of the delta-only keys (sweep_*,
+    bwd_block_e).
     Another key (e.g. a segment from an additive block's tuning) would be stored in the
     module and ignored."""
     delta = {spec.name for spec in specs.specs if spec.update is UpdateRule.DELTA}
@@ -240,7 +248,7 @@ def _check_delta_configs(specs, configs: dict, filename: str) -> None:
             family = "a delta-rule block (update = delta launches with " + ", ".join(DELTA_LAUNCH_KEYS) + ")"
             raise AttnccError(Diagnostic(
                 f"tuned config for `{name}` (D = {D}, E = {E}) of {filename}: `{foreign[0]}` is no launch "
-                f"parameter of {family if is_delta else 'an additive block (it has no sequential sweeps)'}",
+                f"parameter of {family if is_delta else f'an additive block ({_additive_lacks(foreign[0])})'}",
                 hint="run `attncc tune` again, or delete the tuned-configs file to use the defaults",
             ))
 

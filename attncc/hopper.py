@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -69,10 +71,14 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     backward sweeps of a causal spec's module, as its wrapper launches them."""
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    if plan.per_channel:
-        common.update(SUB=16, SPLIT_DTYPE="fp32" if dtype == "fp16" else "input", FAST_PATH=False)
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
+    if plan.per_channel:  # the split products' dtype by the module's own rule, as on a GPU
+        gpu_input = types.SimpleNamespace(dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
+                                                                 "fp32": "float32"}[dtype]), is_cuda=True)
+        split_dtype = getattr(module, f"_{plan.name}_split_dtype")
+        for tiles in (forward, backward):
+            tiles.update(SUB=16, SPLIT_DTYPE=split_dtype(gpu_input, D, tiles["BLOCK_E"]), FAST_PATH=False)
     # The decay gradient's precise path (the backward takes it where its tiles fit).
     precise_db = plan.has_decay and not plan.per_channel and module._block(D) * module._block(E) <= 128 * 128
     kernels = [
@@ -87,6 +93,9 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
         ("bwd dk dv (state only)", "bwd_dkv_kernel", dict(backward, HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True,
                                                           STORE_DB=False, PRECISE_DB=False, STATE_ONLY=True)),
     ]
+    if precise_db:  # wider heads take the plain difference: compile that path too
+        kernels += [(label + " (plain decay gradient)", name, dict(constexprs, PRECISE_DB=False))
+                    for label, name, constexprs in kernels if constexprs.get("PRECISE_DB")]
     if plan.per_channel:  # each output kernel on both paths
         kernels += [(label + ", fast", name, dict(constexprs, FAST_PATH=True))
                     for label, name, constexprs in kernels if "state only" not in label]
@@ -103,11 +112,10 @@ def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str,
     """(label, kernel, constexprs, num_warps, num_stages) for the delta rule's three forward
     kernels, its backward kernels and its decoding step, with the constexprs the module's
     own launch helper gives at these head dims (tensors on the meta device stand in for
-    the inputs); `config` replaces the module's defaults (`_NAME_config`)."""
-    import torch
+    the inputs); `config` overrides keys of the module's defaults (`_NAME_config`)."""
 
     name = plan.name
-    config = config or getattr(module, f"_{name}_config")(D, E)
+    config = dict(getattr(module, f"_{name}_config")(D, E), **(config or {}))
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     q = torch.empty(1, 4, D, dtype=torch_dtype, device="meta")
     v = torch.empty(1, 4, E, dtype=torch_dtype, device="meta")

@@ -50,3 +50,44 @@ def test_decay_gradient_keeps_16_bit_accuracy(decay, D, E):
     assert others < BOUND / 2, f"dq/dk/dv off by {others:.1e}"
     err = rel_error(ours[3].grad, theirs[3].grad, floor=1e-8)  # small values: judged relatively
     assert err < BOUND, f"decay gradient off by {err:.1e} (dq/dk/dv: {others:.1e})"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="wraps a kernel to refuse large chunks, as a smaller GPU would")
+@pytest.mark.parametrize("refusing", ["bwd_dq", "bwd_dkv"])
+def test_decay_gradient_when_one_backward_kernel_takes_smaller_chunks(refusing, monkeypatch):
+    """The dk kernel's share takes out the in-chunk pairs the dq kernel's leaves out, so both
+    must cut the sequence alike: when one kernel has to fall back to smaller chunks (shared
+    memory), the other follows. (When they did not, d_decay here was off by 2.4.)"""
+    import triton
+
+    spec = AttentionSpec("dprec_fallback", decay=Decay.PER_TOKEN)
+    module = module_for(spec)
+    name = f"_{spec.name}_{refusing}_kernel"
+    kernel = getattr(module, name)
+
+    class RefusesLargeChunks:  # raises as Triton does when a launch needs too much shared memory
+        __name__ = kernel.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["BLOCK_T"] > 16:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return kernel[grid](*args, **meta)
+
+            return launch
+
+    monkeypatch.setattr(module, name, RefusesLargeChunks())
+    monkeypatch.setattr(module, "_WHAT_FITS", {})
+    fn, reference = getattr(module, spec.name), getattr(module, f"{spec.name}_reference")
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, D = 1, 150, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    g = -torch.rand(B, T, H, generator=gen) * 0.5
+    ours = [t.to(DTYPE).requires_grad_() for t in (q, k, v)] + [g.clone().requires_grad_()]
+    theirs = [t.detach().double().requires_grad_() for t in ours]
+    do = torch.randn(B, T, H, D, generator=gen)
+    (fn(*ours)[0].float() * do).sum().backward()
+    (reference(*theirs)[0] * do.double()).sum().backward()
+    assert module._WHAT_FITS, "the wrapped kernel did not fall back"
+    err = rel_error(ours[3].grad, theirs[3].grad, floor=1e-8)
+    assert err < BOUND, f"decay gradient off by {err:.1e}"

@@ -224,6 +224,11 @@ def _launch(kernel, grid, *args, **meta):
     heads: D = E = 256, fp32, per-channel decay): found once per kernel, dtype and
     launch parameters, then remembered. Every kernel computes the same function at any
     chunk size, and segment lengths, multiples of the chunk asked for, stay multiples."""
+    return _launch_settled(kernel, grid, *args, **meta)[0]
+
+
+def _launch_settled(kernel, grid, *args, **meta):
+    """_launch, returning (what the launch returns, the launch parameters it settled on)."""
     key = None
     if _WHAT_FITS:  # the key costs host time on every launch: only once something did not fit
         key = _launch_key(kernel, args, meta)
@@ -233,7 +238,7 @@ def _launch(kernel, grid, *args, **meta):
                 meta["BLOCK_T"] = block_t
     while True:
         try:
-            return kernel[grid](*args, **meta)
+            return kernel[grid](*args, **meta), meta
         except triton.runtime.errors.OutOfResources as error:
             key = key or _launch_key(kernel, args, meta)
             if meta["num_stages"] > 1:
@@ -1654,7 +1659,7 @@ def _gla_backward(
             REVERSE=True,
         )
     grid = (1, num_segments * H)
-    _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid,
+    dq_args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
         decay_ptr=decay, db_ptr=db_q,
         initial_state_ptr=seq_init,
@@ -1663,7 +1668,7 @@ def _gla_backward(
         HAS_INITIAL_STATE=seq_init is not None,
         STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, **launch,
     )
-    _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid,
+    dkv_args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv,
         decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
         dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
@@ -1674,6 +1679,19 @@ def _gla_backward(
         STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, STATE_ONLY=False,
         **launch,
     )
+    if precise_db:
+        # The dk kernel's db takes out the in-chunk pairs the dq kernel's leaves out: both
+        # must cut the sequences into the same chunks, also where one had to take smaller
+        # ones to fit in shared memory (then the other is launched again at those).
+        _, dq_tiles = _launch_settled(_gla_bwd_dq_kernel, grid, **dq_args)
+        _, dkv_tiles = _launch_settled(
+            _gla_bwd_dkv_kernel, grid, **dict(dkv_args, BLOCK_T=dq_tiles["BLOCK_T"]),
+        )
+        if dkv_tiles["BLOCK_T"] < dq_tiles["BLOCK_T"]:
+            _launch(_gla_bwd_dq_kernel, grid, **dict(dq_args, BLOCK_T=dkv_tiles["BLOCK_T"]))
+    else:
+        _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid, **dq_args)
+        _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid, **dkv_args)
     if group > 1:
         dk = dk.view(N, H_kv, group, D).sum(2).to(k.dtype)
         dv = dv.view(N, H_kv, group, E).sum(2).to(v.dtype)
