@@ -123,6 +123,8 @@ SHARED_NAMES = frozenset(
         "_check_tensor",
         "_forward_block_e",
         "_launch",
+        "_launch_settled",
+        "_explain_out_of_resources",
         "_multiprocessors",
         "_precision",
         "_resolve_scale",

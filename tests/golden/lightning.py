@@ -242,14 +242,16 @@ def _launch_settled(kernel, grid, *args, **meta):
 def _explain_out_of_resources(error, kernel, meta):
     """Beside Triton's message, what was tried and what a user can change (a note: Python
     3.11 and later print it under the error)."""
-    tiles = ", ".join(f"{key} = {meta[key]}" for key in ("CHUNK", "BLOCK_T", "BLOCK_D", "BLOCK_E", "num_warps",
-                                                      "num_stages") if key in meta)
+    keys = ("CHUNK", "BLOCK_T", "BLOCK_D", "BLOCK_E", "num_warps", "num_stages")
+    tiles = ", ".join(f"{key} = {meta[key]}" for key in keys if key in meta)
+    name = getattr(kernel, "__name__", "a kernel")
     if hasattr(error, "add_note"):
         error.add_note(
-            f"attncc: {getattr(kernel, '__name__', 'a kernel')} ({tiles}) needs more than this GPU gives one "
-            "block, also at one pipeline stage and the smallest chunk the launch may take. A smaller chunk "
-            "in the spec (or `chunk = auto`), or a tuned config (`attncc tune`) with narrower value blocks "
-            "(block_e, sweep_block_e, bwd_block_e), may fit."
+            f"attncc: {name} ({tiles}) needs more than this GPU gives one block, "
+            "also at one pipeline stage and the smallest chunk the launch may take. "
+            "A smaller chunk in the spec (or `chunk = auto`), or a tuned config "
+            "(`attncc tune`) with narrower value blocks (block_e, sweep_block_e, "
+            "bwd_block_e), may fit."
         )
 
 
