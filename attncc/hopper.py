@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from attncc.derive import KernelPlan
 from attncc.loader import import_path
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INPUT_DTYPE_ARGS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 
 
@@ -74,13 +75,11 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
     backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
     if plan.per_channel:  # the split products' dtype by the module's own rule, as on a GPU
-        gpu_input = types.SimpleNamespace(dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
-                                                                 "fp32": "float32"}[dtype]), is_cuda=True)
+        gpu_input = types.SimpleNamespace(dtype=TORCH_DTYPES[dtype], is_cuda=True)
         split_dtype = getattr(module, f"_{plan.name}_split_dtype")
         for tiles in (forward, backward):
             tiles.update(SUB=16, SPLIT_DTYPE=split_dtype(gpu_input, D, tiles["BLOCK_E"]), FAST_PATH=False)
-    # The decay gradient's precise path (the backward takes it where its tiles fit).
-    precise_db = plan.has_decay and not plan.per_channel and module._block(D) * module._block(E) <= 128 * 128
+    precise_db = getattr(module, f"_{plan.name}_precise_decay_grad")(D, E)  # as the backward decides
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True,
                                              STORE_SEGMENT_STATES=True)),
@@ -116,9 +115,8 @@ def delta_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str,
 
     name = plan.name
     config = dict(getattr(module, f"_{name}_config")(D, E), **(config or {}))
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    q = torch.empty(1, 4, D, dtype=torch_dtype, device="meta")
-    v = torch.empty(1, 4, E, dtype=torch_dtype, device="meta")
+    q = torch.empty(1, 4, D, dtype=TORCH_DTYPES[dtype], device="meta")
+    v = torch.empty(1, 4, E, dtype=TORCH_DTYPES[dtype], device="meta")
     launch_args = getattr(module, f"_{name}_launch_args")
 
     def group(**kinds):

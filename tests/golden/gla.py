@@ -1590,6 +1590,14 @@ def _gla_forward(
     return o, final_state, entering
 
 
+def _gla_precise_decay_grad(D, E):
+    """Whether the backward takes a scalar decay's gradient from pairs taken alike on both
+    sides (see _gla_chunk_dq): where its extra tiles fit. At D = E = 256 the kernels
+    asked for 287 KB of shared memory on an H200 (227 KB there), so wider heads keep
+    φq ⊙ dq - φk ⊙ dk as computed."""
+    return False  # no scalar decay
+
+
 def _gla_backward(
     q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
     store_output, do, dfinal_state, needs_decay_grad, exact_path,
@@ -1614,10 +1622,7 @@ def _gla_backward(
     db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
     launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
-    # A scalar decay's gradient from pairs taken alike on both sides (see _gla_chunk_dq),
-    # where its extra tiles fit: at D = E = 256 the kernels asked for 287 KB of shared
-    # memory on an H200 (227 KB there), so wider heads keep φq ⊙ dq - φk ⊙ dk as computed.
-    precise_db = needs_decay_grad and not True and _block(D) * _block(E) <= 128 * 128
+    precise_db = needs_decay_grad and _gla_precise_decay_grad(D, E)
     segments = None
     if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
         _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
