@@ -284,7 +284,7 @@ def test_empty_sequences_without_an_initial_state_end_in_zeros():
     q, k, v, slope, beta = call_inputs("per_head", 1, 9, 2, 1, 5, 3)
     cu = torch.tensor([0, 0, 9, 9], dtype=torch.int32, device=DEVICE)
     _, final = fn(q, k, v, slope, beta, output_final_state=True, cu_seqlens=cu)
-    assert torch.equal(final[[0, 2]], torch.zeros(2, 2, 5, 3))
+    assert torch.equal(final[[0, 2]], torch.zeros(2, 2, 5, 3, device=final.device))
     assert final[1].abs().sum() > 0
 
 
@@ -399,16 +399,16 @@ def _bad_call_cases():
          call("per_head", lambda a, kw: kw.update(beta=a.pop()) or a.pop()), "needs slope"),
         ("extra positional", "per_token", call("per_token", lambda a, kw: a.append(a[-1])), "positional"),
         ("initial_state as a positional", "none",
-         call("none", lambda a, kw: a.append(torch.zeros(B, H, D, E))), "positional"),
+         call("none", lambda a, kw: a.append(torch.zeros(B, H, D, E, device=DEVICE))), "positional"),
         ("g per query head", "per_token", call("per_token", lambda a, kw: a.__setitem__(3, a[3].repeat(1, 1, 2))),
          "g must have shape"),
         ("initial_state transposed shape", "none",
-         call("none", lambda a, kw: kw.update(initial_state=torch.zeros(B, H, E, D))), "initial_state must have"),
+         call("none", lambda a, kw: kw.update(initial_state=torch.zeros(B, H, E, D, device=DEVICE))), "initial_state must have"),
         ("initial_state bf16", "none",
-         call("none", lambda a, kw: kw.update(initial_state=torch.zeros(B, H, D, E, dtype=torch.bfloat16))),
+         call("none", lambda a, kw: kw.update(initial_state=torch.zeros(B, H, D, E, dtype=torch.bfloat16, device=DEVICE))),
          "initial_state has dtype"),
         ("cu_seqlens with B = 2", "per_token",
-         call("per_token", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)) or a.__setitem__(
+         call("per_token", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)) or a.__setitem__(
              slice(None), [torch.cat([x, x]) for x in a])), "B = 1"),
         ("scale NaN", "per_token", call("per_token", lambda a, kw: kw.update(scale=float("nan"))), "scale"),
         ("output_final_state a string", "none", call("none", lambda a, kw: kw.update(output_final_state="yes")),
