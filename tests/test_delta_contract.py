@@ -414,7 +414,7 @@ def _bad_call_cases():
         ("output_final_state a string", "none", call("none", lambda a, kw: kw.update(output_final_state="yes")),
          "output_final_state must be True or False"),
         ("cu_seqlens decreasing", "per_head",
-         call("per_head", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32))),
+         call("per_head", lambda a, kw: kw.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32, device=DEVICE))),
          "non-decreasing"),
         ("step beta per query head", "per_token", step_call("per_token", set_beta(lambda b: b.repeat(1, 2))),
          "beta must have shape"),
