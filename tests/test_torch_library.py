@@ -320,3 +320,55 @@ def test_inductor_fullgraph_on_gpu(kind, mode):
         o, state, loss = _run(compiled, kind, *cast, decay, **kwargs)
         actual = (o, state, *_grads(loss, leaves))
     assert_compiled_matches_eager(actual, expected)
+
+
+def _captured(step):
+    """A CUDA graph of step() (after a warm-up on a side stream, as torch documents) and
+    what its first replay returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, result
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["none", "per_head"])
+def test_cuda_graphs_of_inference_then_training_at_a_training_shape(kind):
+    """One process captures a forward-only graph, then a forward + backward graph, at a
+    shape people train with: both replay and equal the eager call. (The sixth session's H200
+    timing scripts captured in this order and failed at (2, 4096, 16, 128) with "operation
+    failed due to a previous error during capture"; a forward + backward capture alone at
+    (2, 512, 4, 128) passed. This test was written after the device time ran out: not yet
+    run on a GPU.)"""
+    fn, _, _ = _function(kind)
+    q, k, v, decay, _ = _inputs(kind, 2, 4096, H=16, D=128, E=128)
+    cast = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    leaves = list(cast)
+    if decay is not None and kind != "per_head":
+        decay = decay.detach().requires_grad_()
+        leaves.append(decay)
+    args = (*cast,) if decay is None else (*cast, decay)
+    weights = torch.randn(2, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)  # made outside the captures
+    o = fn(*args)[0]
+    expected = (o.detach(), *torch.autograd.grad(o, leaves, weights))
+
+    def inference():
+        with torch.no_grad():
+            return fn(*args)[0]
+
+    def training():
+        o = fn(*args)[0]
+        return (o.detach(), *torch.autograd.grad(o, leaves, weights))
+
+    _, o_inference = _captured(inference)
+    _, actual = _captured(training)
+    assert_compiled_matches_eager((o_inference,), expected[:1])
+    assert_compiled_matches_eager(actual, expected)
