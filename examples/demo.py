@@ -31,6 +31,8 @@ def main(path: str) -> None:
         shape = (B, T, H, D) if "per-channel" in fn.__doc__ else (B, T, H)
         raw = torch.randn(shape, device=device)
         extra = [(raw if "gate_input" in params else torch.nn.functional.logsigmoid(raw)).requires_grad_()]
+    if "beta" in params:  # the delta rule: values in (0, 1) serve as β and as the raw input of sigmoid(x) alike
+        extra.append(torch.rand(B, T, H, device=device, requires_grad=True))
 
     o, final_state = fn(q, k, v, *extra, output_final_state=True)
     o.square().sum().backward()

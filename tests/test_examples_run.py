@@ -3,6 +3,8 @@ forward and backward (fp32 kernels against the float64 reference)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,16 @@ def test_example_matches_its_reference(path, spec, tmp_path):
     assert rel_error(o, o_ref) < 2e-5
     for a, b in zip(ours, theirs, strict=True):
         assert rel_error(a.grad, b.grad, floor=1.0 if a.dim() == 1 else 1e-2) < 2e-5 * (10 if a.dim() == 1 else 1)
+
+
+@pytest.mark.parametrize("example", ["lightning.attn", "delta/gated_deltanet.attn"])
+def test_demo_runs_a_compiled_example(example, tmp_path):
+    """The README's first command: `attncc compile` an example, then examples/demo.py on the
+    module (forward, backward, the float64 check, one decoding step); the delta rule's
+    functions take beta as well."""
+    module = tmp_path / "kernel.py"
+    module.write_text(compile_file(REPO / "examples" / example))
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "demo.py"), str(module)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "relative error vs float64 reference" in result.stdout and "decoded one more token" in result.stdout
