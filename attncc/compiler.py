@@ -56,7 +56,7 @@ LAUNCH_KEYS: dict[str, tuple] = {
     # 16-wide value blocks in the delta rule's sweeps hit an illegal memory access on an H200
     # (Triton 3.6; the interpreter computes them right): refused until that is understood.
     "sweep_block_e": _power_of_two(32, 256),
-    "bwd_block_e": _power_of_two(16, 256),  # the delta rule's backward chunk kernel
+    "bwd_block_e": _power_of_two(16, 256),  # the backward's value block (delta: its chunk kernel)
     "num_warps": _power_of_two(1, 32),
     "sweep_num_warps": _power_of_two(1, 32),
     "bwd_num_warps": _power_of_two(1, 32),
@@ -225,22 +225,14 @@ def _compile(source: str, filename: str, header_name: str, tuned_configs: dict |
     return render_module(specs, source, header_name, configs)
 
 
-def _additive_lacks(key: str) -> str:
-    """Why an additive block has no use for a delta-only launch key."""
-    if key == "bwd_block_e":
-        return "its backward takes the whole value dim in one block"
-    return "it has no sequential sweeps"
-
-
 def _check_delta_configs(specs, configs: dict, filename: str) -> None:
     """Each block's tuned config holds only the launch parameters its family has: a delta-rule
-    block only DELTA_LAUNCH_KEYS, an additive block none of the delta-only keys (sweep_*,
-    bwd_block_e).
+    block only DELTA_LAUNCH_KEYS, an additive block none of the delta-only keys (sweep_*).
     Another key (e.g. a segment from an additive block's tuning) would be stored in the
     module and ignored."""
     delta = {spec.name for spec in specs.specs if spec.update is UpdateRule.DELTA}
-    delta_only = sorted(set(DELTA_LAUNCH_KEYS) - {"chunk", "block_e", "num_warps", "num_stages", "bwd_num_warps",
-                                                   "bwd_num_stages"})
+    delta_only = sorted(set(DELTA_LAUNCH_KEYS) - {"chunk", "block_e", "bwd_block_e", "num_warps", "num_stages",
+                                                   "bwd_num_warps", "bwd_num_stages"})
     for (name, D, E), config in configs.items():
         is_delta = name in delta
         foreign = sorted(set(config) - set(DELTA_LAUNCH_KEYS)) if is_delta else sorted(set(config) & set(delta_only))
@@ -248,7 +240,7 @@ def _check_delta_configs(specs, configs: dict, filename: str) -> None:
             family = "a delta-rule block (update = delta launches with " + ", ".join(DELTA_LAUNCH_KEYS) + ")"
             raise AttnccError(Diagnostic(
                 f"tuned config for `{name}` (D = {D}, E = {E}) of {filename}: `{foreign[0]}` is no launch "
-                f"parameter of {family if is_delta else f'an additive block ({_additive_lacks(foreign[0])})'}",
+                f"parameter of {family if is_delta else 'an additive block (it has no sequential sweeps)'}",
                 hint="run `attncc tune` again, or delete the tuned-configs file to use the defaults",
             ))
 

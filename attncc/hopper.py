@@ -46,7 +46,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, num_warps: int, num_sta
             signature[arg] = "fp32"
         elif arg in ("cu_seqlens", "segment_starts", "exact_path_ptr", "first_slot_ptr"):
             signature[arg] = "*i32"
-        elif arg == "segment_len":
+        elif arg in ("segment_len", "num_tokens"):
             signature[arg] = "i32"
         else:
             signature[arg] = f"*{dtype}" if arg in INPUT_DTYPE_ARGS else "*fp32"
@@ -69,17 +69,19 @@ def ptxas_summary(compiled) -> str:
 
 def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config: dict) -> list[tuple[str, object, dict]]:
     """(label, kernel, constexprs) for the forward (output and state-only) and the two
-    backward sweeps of a causal spec's module, as its wrapper launches them."""
+    backward sweeps of a causal spec's module, as its wrapper launches them; `config`
+    overrides keys of the module's defaults (`_NAME_config`)."""
+    config = dict(getattr(module, f"_{plan.name}_config")(D, E), **config)
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
-    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=module._block(E))
+    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=config["bwd_block_e"])
     if plan.per_channel:  # the split products' dtype by the module's own rule, as on a GPU
         gpu_input = types.SimpleNamespace(dtype=TORCH_DTYPES[dtype], is_cuda=True)
         split_dtype = getattr(module, f"_{plan.name}_split_dtype")
         for tiles in (forward, backward):
             tiles.update(SUB=16, SPLIT_DTYPE=split_dtype(gpu_input, D, tiles["BLOCK_E"]), FAST_PATH=False)
-    precise_db = getattr(module, f"_{plan.name}_precise_decay_grad")(D, E)  # as the backward decides
+    precise_db = getattr(module, f"_{plan.name}_precise_decay_grad")(D, config["bwd_block_e"])  # as the backward decides
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True,
                                              STORE_SEGMENT_STATES=True)),

@@ -22,7 +22,8 @@ from attncc.loader import import_path
 
 SPECS = {
     "normalized elu(x)+1": ("attention b_norm {\n    feature_map = elu(x) + 1\n    normalize = true\n    scale = 1.0\n}\n", None),
-    "per_token logsigmoid(x)": ("attention b_token {\n    decay = per_token\n    gate = logsigmoid(x)\n}\n", None),
+    "per_head slope": ("attention b_head {\n    decay = per_head\n}\n", None),
+    "per_token logsigmoid(x)": ("attention b_token {\n    decay = per_token\n    gate = logsigmoid(x)\n}\n", "chunk_simple_gla"),
     "per_channel logsigmoid(x)/16": ("attention b_channel {\n    decay = per_channel\n    gate = logsigmoid(x) / 16\n}\n", "chunk_gla"),
 }
 
@@ -38,15 +39,18 @@ def _errors(got, want):
     return [((a.double() - b).norm() / b.norm()).item() if a is not None else float("nan") for a, b in zip(got, want, strict=True)]
 
 
-def check(label: str, shape, seed: int):
+def check(label: str, shape, seed: int, fla: bool = True):
     source, fla_name = SPECS[label]
+    fla_name = fla_name if fla else None
     module, name = _module(source)
     fn, reference = getattr(module, name), getattr(module, f"{name}_reference")
     B, T, H, D = shape
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).bfloat16() for _ in range(3))
     extra = []
-    if "per_token" in label:
+    if "per_head" in label:  # slopes in [0.01, 0.2], as the bench specs take them
+        extra = [torch.rand(H, device="cuda", generator=gen) * 0.19 + 0.01]
+    elif "per_token" in label:
         extra = [torch.randn(B, T, H, device="cuda", generator=gen) * 2]
     elif "per_channel" in label:
         extra = [torch.randn(B, T, H, D, device="cuda", generator=gen) * 2]
@@ -69,6 +73,13 @@ def check(label: str, shape, seed: int):
             return chunk_gla(q, k, v, g=F.logsigmoid(x.float()) / 16, scale=D**-0.5)[0]
 
         rows["fla chunk_gla"] = grads(fla_call, inputs)
+    elif fla_name == "chunk_simple_gla":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        def fla_call(q, k, v, x):
+            return chunk_simple_gla(q, k, v, g=F.logsigmoid(x.float()), scale=D**-0.5)[0]
+
+        rows["fla chunk_simple_gla"] = grads(fla_call, inputs)
     names = ["o", "dq", "dk", "dv", "d_decay"][: len(inputs) + 1]
     for row, got in rows.items():
         errors = _errors(got, want)
@@ -80,11 +91,15 @@ def main() -> int:
     parser.add_argument("--shape", default="1,512,4,128")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--only", default=None, help="run the specs whose label contains this")
+    parser.add_argument("--no-fla", action="store_true", help="skip fla's ops (each autotunes for minutes)")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     for label in (x for x in SPECS if args.only is None or args.only in x):
         for seed in range(args.seeds):
-            check(label, shape, seed)
+            try:
+                check(label, shape, seed, fla=not args.no_fla)
+            except Exception as error:  # report and go on to the next spec
+                print(f"| {label} | seed {seed} | failed: {type(error).__name__}: {str(error)[:300]} |", flush=True)
     return 0
 
 

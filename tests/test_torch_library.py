@@ -343,11 +343,15 @@ def _captured(step):
 @pytest.mark.parametrize("kind", ["none", "per_head"])
 def test_cuda_graphs_of_inference_then_training_at_a_training_shape(kind):
     """One process captures a forward-only graph, then a forward + backward graph, at a
-    shape people train with: both replay and equal the eager call. (The sixth session's H200
-    timing scripts captured in this order and failed at (2, 4096, 16, 128) with "operation
-    failed due to a previous error during capture"; a forward + backward capture alone at
-    (2, 512, 4, 128) passed. This test was written after the device time ran out: not yet
-    run on a GPU.)"""
+    shape people train with: both replay and equal the eager call.
+
+    The eager call runs in a function of its own so that its autograd graph is gone before
+    the captures: a live one keeps the leaves' AccumulateGrad nodes, made on the default
+    stream, and the captured backward then waits on that stream, which invalidates the
+    capture (PyTorch warns "The AccumulateGrad node's stream does not match"). Seen failing
+    so on the H200 with the eager `o` kept alive here; fresh processes that captured without
+    an earlier eager backward passed at (2, 4096, 16, 128), so this is the likeliest cause of
+    the sixth session's failed fwd + bwd captures in timing scripts."""
     fn, _, _ = _function(kind)
     q, k, v, decay, _ = _inputs(kind, 2, 4096, H=16, D=128, E=128)
     cast = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
@@ -357,16 +361,16 @@ def test_cuda_graphs_of_inference_then_training_at_a_training_shape(kind):
         leaves.append(decay)
     args = (*cast,) if decay is None else (*cast, decay)
     weights = torch.randn(2, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)  # made outside the captures
-    o = fn(*args)[0]
-    expected = (o.detach(), *torch.autograd.grad(o, leaves, weights))
-
-    def inference():
-        with torch.no_grad():
-            return fn(*args)[0]
 
     def training():
         o = fn(*args)[0]
         return (o.detach(), *torch.autograd.grad(o, leaves, weights))
+
+    expected = training()  # eager
+
+    def inference():
+        with torch.no_grad():
+            return fn(*args)[0]
 
     _, o_inference = _captured(inference)
     _, actual = _captured(training)

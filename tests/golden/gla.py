@@ -959,7 +959,7 @@ def _gla_fwd_again_kernel(
 @triton.jit
 def _gla_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, decay_ptr, db_ptr, initial_state_ptr,
-    exact_path_ptr, cu_seqlens, scale,
+    exact_path_ptr, cu_seqlens, scale, num_tokens,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
@@ -985,6 +985,10 @@ def _gla_bwd_dq_kernel(
         split_dtype = tl.float32
     elif SPLIT_DTYPE == "bf16":
         split_dtype = tl.bfloat16
+    share = i_e.to(tl.int64) * num_tokens * H  # rows of the slices before this block's
+    dq_ptr += share * D
+    if STORE_DB:
+        db_ptr += share * D
 
     state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_INITIAL_STATE:
@@ -1045,7 +1049,7 @@ def _gla_bwd_dq_kernel(
 @triton.jit
 def _gla_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, decay_ptr, db_ptr, decay_total_ptr,
-    dfinal_state_ptr, dinitial_state_ptr, exact_path_ptr, cu_seqlens, scale,
+    dfinal_state_ptr, dinitial_state_ptr, exact_path_ptr, cu_seqlens, scale, num_tokens,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
     SUB: tl.constexpr, SPLIT_DTYPE: tl.constexpr, FAST_PATH: tl.constexpr,
@@ -1076,6 +1080,11 @@ def _gla_bwd_dkv_kernel(
         split_dtype = tl.float32
     elif SPLIT_DTYPE == "bf16":
         split_dtype = tl.bfloat16
+    if not STATE_ONLY:
+        share = i_e.to(tl.int64) * num_tokens * H  # rows of the slices before this block's
+        dk_ptr += share * D
+        if STORE_DB:
+            db_ptr += share * D
 
     dstate = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     if HAS_DFINAL_STATE:
@@ -1356,6 +1365,10 @@ def _gla_config(D, E):
     config = {
         "chunk": 64, "bwd_chunk": 64,
         "block_e": min(_block(E), 128), "narrow_block_e": False,
+        # The backward's value block: the whole value dim up to D x E = 128 x 128, narrower
+        # blocks side by side above (a D = E = 256 backward in one block asked for 262 KB of
+        # shared memory on an H200, which gives a block 227 KB).
+        "bwd_block_e": min(_block(E), 256, max(16, 128 * 128 // _block(D))),
         "num_warps": 8, "bwd_num_warps": 8,
         "num_stages": 2, "bwd_num_stages": 2,
         "segment": None, "bwd_segment": None,
@@ -1388,12 +1401,12 @@ def _gla_split_dtype(q, D, block_e):
     return "bf16" if q.is_cuda and _block(D) * block_e * 4 > 128 * 1024 else "fp32"
 
 
-def _gla_backward_segment_length(config, longest, rows, device):
-    """Tokens per segment of the backward pass (one program per segment and head), or
-    None to keep the sequences whole. A multiple of both chunk sizes, so that an
-    unsplit forward pass can store the states entering the segments as it goes."""
+def _gla_backward_segment_length(config, longest, programs, device):
+    """Tokens per segment of the backward pass (one program per segment, head and value
+    block), or None to keep the sequences whole. A multiple of both chunk sizes, so that
+    an unsplit forward pass can store the states entering the segments as it goes."""
     chunk = max(config["chunk"], config["bwd_chunk"])
-    return _segment_length(config["bwd_segment"], longest, rows, chunk, device, forward=False)
+    return _segment_length(config["bwd_segment"], longest, programs, chunk, device, forward=False)
 
 
 def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
@@ -1415,7 +1428,8 @@ def _gla_plan(num_seqs, longest, H, D, E, device, store_output, needs_grad):
         return config, segment_len or _cdiv(longest, config["chunk"]) * config["chunk"], None
     if segment_len is not None or not needs_grad:
         return config, segment_len, segment_len
-    return config, None, _gla_backward_segment_length(config, longest, num_seqs * H, device)
+    bwd_programs = num_seqs * H * _cdiv(E, config["bwd_block_e"])
+    return config, None, _gla_backward_segment_length(config, longest, bwd_programs, device)
 
 
 def _gla_segment_states(
@@ -1489,15 +1503,15 @@ def _gla_outputs_initial_state_grad(q, k, v, decay, cu_seqlens, scale, do):
         (num_seqs, H, D), dtype=torch.float32,
         device=q.device,
     )
-    _launch(_gla_bwd_dkv_kernel, (1, num_seqs * H),
+    _launch(_gla_bwd_dkv_kernel, (_cdiv(E, config["bwd_block_e"]), num_seqs * H),
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
         decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
         dfinal_state_ptr=None, dinitial_state_ptr=dinitial_state,
         exact_path_ptr=None,
-        cu_seqlens=cu_seqlens, scale=scale,
+        cu_seqlens=cu_seqlens, scale=scale, num_tokens=N,
         HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
         STATE_ONLY=True,
-        **_gla_launch_args(q, k, v, config, _block(E), backward=True),
+        **_gla_launch_args(q, k, v, config, config["bwd_block_e"], backward=True),
     )
     return dinitial_state
 
@@ -1590,11 +1604,11 @@ def _gla_forward(
     return o, final_state, entering
 
 
-def _gla_precise_decay_grad(D, E):
-    """Whether the backward takes a scalar decay's gradient from pairs taken alike on both
-    sides (see _gla_chunk_dq): where its extra tiles fit. At D = E = 256 the kernels
-    asked for 287 KB of shared memory on an H200 (227 KB there), so wider heads keep
-    φq ⊙ dq - φk ⊙ dk as computed."""
+def _gla_precise_decay_grad(D, block_e):
+    """Whether the backward (value blocks of block_e columns) takes a scalar decay's
+    gradient from pairs taken alike on both sides (see _gla_chunk_dq): where its extra
+    tiles fit. At D = E = 256 in one block the kernels asked for 287 KB of shared memory
+    on an H200 (227 KB there); with the default value blocks (bwd_block_e) it is always on."""
     return False  # no scalar decay
 
 
@@ -1610,19 +1624,30 @@ def _gla_backward(
     group = H // H_kv
     num_seqs = cu_seqlens.shape[0] - 1
     config = _gla_config(D, E)
-    # dk and dv are produced per query head, then summed over each group of heads sharing k and v.
+    block_e = config["bwd_block_e"]
+    e_blocks = _cdiv(E, block_e)
+    # dq, dk and the decay gradient's shares are sums over the value columns: with the value
+    # dim split into e_blocks blocks, each block's share has a float32 slice of its own
+    # (summed below). dk and dv are produced per query head, then summed over each group
+    # of heads sharing k and v.
+    shares = (e_blocks,) if e_blocks > 1 else ()
     kv_grad_dtype = q.dtype if group == 1 else torch.float32
-    dq = torch.empty_like(q)
-    dk = torch.empty(N, H, D, dtype=kv_grad_dtype, device=q.device)
+    dq = torch.empty(*shares, N, H, D, dtype=torch.float32 if shares else q.dtype, device=q.device)
+    dk = torch.empty(
+        *shares, N, H, D, dtype=torch.float32 if shares else kv_grad_dtype, device=q.device,
+    )
     dv = torch.empty(N, H, E, dtype=kv_grad_dtype, device=q.device)
     dinitial_state = None
     if initial_state is not None:
         dinitial_state = torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
     db_shape = (N, H, D)
-    db_q = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
-    db_k = torch.empty(db_shape, dtype=torch.float32, device=q.device) if needs_decay_grad else None
-    launch = _gla_launch_args(q, k, v, config, _block(E), backward=True)
-    precise_db = needs_decay_grad and _gla_precise_decay_grad(D, E)
+    db_q = db_k = None
+    if needs_decay_grad:
+        db_q, db_k = (
+            torch.empty(*shares, *db_shape, dtype=torch.float32, device=q.device) for _ in "qk"
+        )
+    launch = _gla_launch_args(q, k, v, config, block_e, backward=True)
+    precise_db = needs_decay_grad and _gla_precise_decay_grad(D, block_e)
     segments = None
     if entering is not None:  # cut as the forward pass cut them (the same plan, from shapes)
         _, _, saved_len = _gla_plan(num_seqs, longest, H, D, E, q.device, store_output, True)
@@ -1631,7 +1656,9 @@ def _gla_backward(
     else:
         # The backward kernels run one program per (segment, head): cut long sequences
         # here when the forward pass did not hand segments over.
-        segment_len = _gla_backward_segment_length(config, longest, num_seqs * H, q.device)
+        segment_len = _gla_backward_segment_length(
+            config, longest, num_seqs * H * e_blocks, q.device,
+        )
         if segment_len is not None:
             segments = _gla_segment_states(
                 q, k, v, decay, initial_state, cu_seqlens, longest, segment_len, None, config
@@ -1645,12 +1672,12 @@ def _gla_backward(
         num_segments = seq_cu.shape[0] - 1
         dlocal = torch.empty(num_segments, H, D, E, dtype=torch.float32, device=q.device)
         decay_total = torch.empty((num_segments, H, D), dtype=torch.float32, device=q.device)
-        _launch(_gla_bwd_dkv_kernel, (1, num_segments * H),
+        _launch(_gla_bwd_dkv_kernel, (e_blocks, num_segments * H),
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=None, dv_ptr=None,
             decay_ptr=decay, db_ptr=None, decay_total_ptr=decay_total,
             dfinal_state_ptr=None, dinitial_state_ptr=dlocal,
             exact_path_ptr=None,
-            cu_seqlens=seq_cu, scale=scale,
+            cu_seqlens=seq_cu, scale=scale, num_tokens=N,
             HAS_DFINAL_STATE=False, STORE_DINITIAL_STATE=True, STORE_DB=False, PRECISE_DB=False,
             STATE_ONLY=True,
             **launch,
@@ -1665,13 +1692,13 @@ def _gla_backward(
             HAS_CARRY_IN=dfinal_state is not None, STORE_CARRY_OUT=initial_state is not None,
             REVERSE=True,
         )
-    grid = (1, num_segments * H)
+    grid = (e_blocks, num_segments * H)
     dq_args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq,
         decay_ptr=decay, db_ptr=db_q,
         initial_state_ptr=seq_init,
         exact_path_ptr=exact_path,
-        cu_seqlens=seq_cu, scale=scale,
+        cu_seqlens=seq_cu, scale=scale, num_tokens=N,
         HAS_INITIAL_STATE=seq_init is not None,
         STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, **launch,
     )
@@ -1680,7 +1707,7 @@ def _gla_backward(
         decay_ptr=decay, db_ptr=db_k, decay_total_ptr=None,
         dfinal_state_ptr=seq_dfinal, dinitial_state_ptr=dinitial_state,
         exact_path_ptr=exact_path,
-        cu_seqlens=seq_cu, scale=scale,
+        cu_seqlens=seq_cu, scale=scale, num_tokens=N,
         HAS_DFINAL_STATE=seq_dfinal is not None,
         STORE_DINITIAL_STATE=segments is None and initial_state is not None,
         STORE_DB=needs_decay_grad, PRECISE_DB=precise_db, STATE_ONLY=False,
@@ -1699,6 +1726,10 @@ def _gla_backward(
     else:
         _gla_launch_on_both_paths(_gla_bwd_dq_kernel, grid, **dq_args)
         _gla_launch_on_both_paths(_gla_bwd_dkv_kernel, grid, **dkv_args)
+    if shares:  # the value blocks' shares
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(kv_grad_dtype)
+        if needs_decay_grad:
+            db_q, db_k = db_q.sum(0), db_k.sum(0)
     if group > 1:
         dk = dk.view(N, H_kv, group, D).sum(2).to(k.dtype)
         dv = dv.view(N, H_kv, group, E).sum(2).to(v.dtype)
