@@ -71,18 +71,48 @@ def test_split_value_blocks_give_the_gradients_against_float64(kind, monkeypatch
         assert err < TOLERANCE[torch.float32] * 5, f"{kind}: result {i} off by {err:.1e}"
 
 
-@pytest.mark.parametrize("kind", ["none", "normalized", "per_head", "per_token", "per_channel", "noncausal"])
+@pytest.mark.parametrize("kind", ["none", "normalized", "per_channel", "noncausal"])
 def test_wide_heads_split_the_backward_value_dim(kind):
-    """The defaults: whole value dim in one block up to D x E = 128 x 128 (the bench cell
-    keeps its one block), split above; the precise decay gradient then always on."""
-    spec = _spec(kind)
-    module = module_for(spec)
-    config = getattr(module, f"_{spec.name}_config")
+    """The defaults: the whole value dim in one block up to D x E = 128 x 128 (the bench
+    cell keeps its one block), split above."""
+    config = getattr(module_for(_spec(kind)), f"_{_spec(kind).name}_config")
     assert config(128, 128)["bwd_block_e"] == 128
     assert config(64, 256)["bwd_block_e"] == 256
     assert config(256, 256)["bwd_block_e"] == 64
     assert config(256, 257)["bwd_block_e"] == 64  # normalized: E + 1 columns
     assert config(16, 257)["bwd_block_e"] == 256
-    precise = getattr(module, f"_{spec.name}_precise_decay_grad", None)
-    if precise is not None and kind in ("per_head", "per_token"):
-        assert precise(256, config(256, 256)["bwd_block_e"])
+
+
+@pytest.mark.parametrize("kind", ["per_head", "per_token"])
+def test_a_scalar_decay_narrows_the_value_blocks_for_its_precise_gradient(kind, monkeypatch):
+    """A scalar decay keeps the whole value dim (up to 256) in one block, unless its
+    gradient is needed: then the blocks narrow until the precise decay gradient fits."""
+    spec = _spec(kind)
+    module = module_for(spec)
+    name = spec.name
+    assert getattr(module, f"_{name}_config")(256, 256)["bwd_block_e"] == 256
+    precise = getattr(module, f"_{name}_precise_decay_grad")
+    assert precise(256, 64) and not precise(256, 128) and precise(128, 128)
+    seen = []
+    kernel = getattr(module, f"_{name}_bwd_dq_kernel")
+
+    class Recorded:  # the dq kernel, recording its value block and decay-gradient path
+        __name__ = kernel.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append((meta["BLOCK_E"], meta["PRECISE_DB"]))
+                return kernel[grid](*args, **meta)
+
+            return launch
+
+    monkeypatch.setattr(module, f"_{name}_bwd_dq_kernel", Recorded())
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 20, 1, 256
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    decay = decay_input(spec, B, T, H, H, D, gen)
+    for needs in (False, True):
+        x = decay.clone().requires_grad_(needs)
+        o = getattr(module, name)(q.requires_grad_(), k, v, x)[0]
+        o.sum().backward()
+    assert seen == [(256, False), (64, True)], seen
