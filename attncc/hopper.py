@@ -75,13 +75,15 @@ def causal_kernels(module, plan: KernelPlan, D: int, E: int, dtype: str, config:
     common = {"H": 4, "HKV": 4, "D": D, "E": E, "BLOCK_D": module._block(D),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     forward = dict(common, BLOCK_T=config["chunk"], BLOCK_E=config["block_e"])
-    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=config["bwd_block_e"])
+    # The value block of a backward whose decay (if any) needs its gradient, as the module picks it.
+    block_e = getattr(module, f"_{plan.name}_backward_block_e")(config, D, plan.has_decay)
+    backward = dict(common, BLOCK_T=config["bwd_chunk"], BLOCK_E=block_e)
     if plan.per_channel:  # the split products' dtype by the module's own rule, as on a GPU
         gpu_input = types.SimpleNamespace(dtype=TORCH_DTYPES[dtype], is_cuda=True)
         split_dtype = getattr(module, f"_{plan.name}_split_dtype")
         for tiles in (forward, backward):
             tiles.update(SUB=16, SPLIT_DTYPE=split_dtype(gpu_input, D, tiles["BLOCK_E"]), FAST_PATH=False)
-    precise_db = getattr(module, f"_{plan.name}_precise_decay_grad")(D, config["bwd_block_e"])  # as the backward decides
+    precise_db = getattr(module, f"_{plan.name}_precise_decay_grad")(D, block_e)  # as the backward decides
     kernels = [
         ("fwd (output)", "fwd_kernel", dict(forward, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=False, STORE_OUTPUT=True,
                                              STORE_SEGMENT_STATES=True)),

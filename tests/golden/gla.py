@@ -1613,6 +1613,12 @@ def _gla_precise_decay_grad(D, block_e):
     return False  # no scalar decay
 
 
+def _gla_backward_block_e(config, D, needs_decay_grad):
+    """The backward's value block: config's bwd_block_e."""
+    block_e = config["bwd_block_e"]
+    return block_e
+
+
 def _gla_backward(
     q, k, v, decay, initial_state, cu_seqlens, longest, scale, final_state, entering,
     store_output, do, dfinal_state, needs_decay_grad, exact_path,
@@ -1625,7 +1631,7 @@ def _gla_backward(
     group = H // H_kv
     num_seqs = cu_seqlens.shape[0] - 1
     config = _gla_config(D, E)
-    block_e = config["bwd_block_e"]
+    block_e = _gla_backward_block_e(config, D, needs_decay_grad)
     e_blocks = _cdiv(E, block_e)
     # dq, dk and the decay gradient's shares are sums over the value columns: with the value
     # dim split into e_blocks blocks, each block's share has a float32 slice of its own
